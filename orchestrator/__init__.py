@@ -1,0 +1,1 @@
+"""orchestrator: everything distributed (Ray actors, driver, grids, results store, CLI)."""

@@ -177,7 +177,12 @@ def block_linears(block: nn.Module, family: Family) -> dict[str, nn.Linear]:
     return {name: block.get_submodule(name) for name in family.linears}
 
 
-def row_groups(family: Family, block: nn.Module, next_block: nn.Module | None):
+def linear_shapes(block: nn.Module, family: Family) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each prunable linear of a block."""
+    return {name: (lin.out_features, lin.in_features) for name, lin in block_linears(block, family).items()}
+
+
+def row_groups(family: Family, shapes: dict[str, tuple[int, int]], has_next: bool):
     """Row-step groups of one block: (consumer key, producers) where widths allow it.
 
     The consumer key is the linear name, or ``"next:" + name`` for the next block's first linear.
@@ -185,20 +190,21 @@ def row_groups(family: Family, block: nn.Module, next_block: nn.Module | None):
     ratio for all its producers: this is the reference's Mistral rule for q, k and v, applied to
     every grouped-query-attention model (DESIGN §4) and to fused qkv projections.
 
+    Args:
+        shapes: (out, in) per linear name (blocks of one model share them).
+        has_next: False for the last block, whose last linear has no consumer.
+
     Returns:
         (groups, kept): groups is a list of (consumer key, producers); kept lists producers that
         keep the block ratio because of the width rule.
     """
     groups, kept = [], []
     pairs = list(family.row_map)
-    if family.row_map and next_block is not None:
+    if family.row_map and has_next:
         pairs.append(("next:" + family.linears[0], (family.linears[-1],)))
     for consumer, producers in pairs:
-        if consumer.startswith("next:"):
-            width = next_block.get_submodule(consumer[5:]).in_features
-        else:
-            width = block.get_submodule(consumer).in_features
-        if all(block.get_submodule(p).out_features == width for p in producers):
+        width = shapes[consumer.removeprefix("next:")][1]
+        if all(shapes[p][0] == width for p in producers):
             groups.append((consumer, producers))
         else:
             kept.extend(producers)

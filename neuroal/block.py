@@ -1,0 +1,254 @@
+"""The unit of work: one decoder block, its inputs, and per-linear ratios.
+
+Every path (the in-process run, each Ray shard, the NeuroAL search, evaluation) calls these
+functions and nothing else prunes. Inputs are all calibration windows of a stream at once,
+[n, seqlen, d]; forwards run in micro-batches of at most `max_tokens` tokens (memory bound, not a
+per-window loop), and statistics are running sums kept by hooks.
+
+- `forward_block`:   hidden -> block(hidden) (evaluation, dense propagation).
+- `dense_block`:     dense statistics (+ OWL outlier ratio) and the dense output (OWL's pass).
+- `prune_block`:     dense statistics -> prune in place -> sparse output (the final pass).
+- `score_block`:     NeuroAL candidate: dense stats -> prune a working copy -> sparse stats and
+                     output -> per-linear alignment metric; the block's weights are restored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from neuroal import stats as S
+from neuroal.families import Family, block_linears, call_block
+from neuroal.methods import METHODS, Method, Pattern, prune_linear
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class DSnoTOptions:
+    """DSnoT refinement (training-free prune-and-grow) on top of the base method's mask."""
+
+    max_cycles: int = 50
+    update_threshold: float = 0.1
+    pow_of_var_regrowing: float = 1.0
+    same_sign: bool = False
+    skip_mlp: bool = True
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """How each linear of a block is pruned (ratios come separately, per block and linear)."""
+
+    method: str = "wanda"
+    pattern: Pattern | None = None
+    granularity: str = "row"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    dsnot: DSnoTOptions | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    @property
+    def base(self) -> Method:
+        return METHODS.get(self.method)
+
+    @property
+    def needs(self) -> frozenset:
+        kinds = set(self.base.needs)
+        if self.dsnot is not None:
+            kinds |= {S.NORMS, S.MOMENTS}
+        return frozenset(kinds)
+
+
+@dataclass
+class BlockResult:
+    """What one block returns to the stream driver (small; the hidden states travel separately)."""
+
+    metric: dict[str, float] = field(default_factory=dict)  # NeuroAL alignment per linear
+    alignment: dict[str, Tensor] = field(default_factory=dict)  # a^d - a^s per linear [in]
+    sparsity: dict[str, float] = field(default_factory=dict)  # actual fraction of zeros per linear
+    row_sparsity: dict[str, Tensor] = field(default_factory=dict)  # per-row fraction of zeros [out]
+    outlier_ratio: float | None = None  # OWL's D for this block (dense pass)
+
+
+def _micro_batches(n: int, seqlen: int, max_tokens: int):
+    step = max(1, max_tokens // max(seqlen, 1))
+    for i in range(0, n, step):
+        yield slice(i, min(i + step, n))
+
+
+@torch.no_grad()
+def forward_block(block: nn.Module, hidden: Tensor, kwargs: dict, max_tokens: int = DEFAULT_MAX_TOKENS) -> Tensor:
+    """block(hidden) for [n, seqlen, d] hidden states, in micro-batches."""
+    out = torch.empty_like(hidden)
+    for sl in _micro_batches(hidden.shape[0], hidden.shape[1], max_tokens):
+        out[sl] = call_block(block, hidden[sl], kwargs)
+    return out
+
+
+@torch.no_grad()
+def _collect(
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    hidden: Tensor,
+    kwargs: dict,
+    kinds: frozenset,
+    max_tokens: int,
+    want_output: bool,
+) -> tuple[dict[str, S.LinearStats], Tensor | None]:
+    """Run the block over all windows collecting input sums; skip the tail if no output is needed."""
+    stop_after = None if want_output else next(reversed(linears))
+    out = torch.empty_like(hidden) if want_output else None
+    with S.collect(linears, kinds, stop_after=stop_after) as stats:
+        for sl in _micro_batches(hidden.shape[0], hidden.shape[1], max_tokens):
+            try:
+                y = call_block(block, hidden[sl], kwargs)
+            except S.StopForward:
+                continue
+            if out is not None:
+                out[sl] = y
+    return stats, out
+
+
+def _apply(
+    linears: dict[str, nn.Module],
+    stats: dict[str, S.LinearStats],
+    ratios: Mapping[str, float | Tensor],
+    opts: PruneOptions,
+    family: Family,
+) -> None:
+    """Prune every linear of the block in place at its ratio."""
+    method = opts.base
+    for name, lin in linears.items():
+        ratio = ratios[name]
+        W = lin.weight.data
+        if opts.dsnot is not None and not (opts.dsnot.skip_mlp and name in family.mlp):
+            from neuroal.allocation.dsnot_apply import dsnot_weights
+
+            new = dsnot_weights(W, stats[name], ratio, method, opts)
+        elif opts.dsnot is not None:  # DSnoT skips the MLP: the base method's initial mask only
+            from neuroal.allocation.dsnot_apply import initial_weights
+
+            new = initial_weights(W, stats[name], ratio, method, opts)
+        else:
+            new = prune_linear(
+                W,
+                stats.get(name),
+                ratio,
+                method,
+                pattern=opts.pattern,
+                granularity=opts.granularity,
+                blocksize=opts.blocksize,
+                percdamp=opts.percdamp,
+            )
+        lin.weight.data.copy_(new)
+
+
+def _sparsity(linears: dict[str, nn.Module], rows: bool) -> tuple[dict[str, float], dict[str, Tensor]]:
+    dense, per_row = {}, {}
+    for name, lin in linears.items():
+        zeros = lin.weight.data == 0
+        dense[name] = zeros.float().mean().item()
+        if rows:
+            per_row[name] = zeros.float().mean(dim=1)
+    return dense, per_row
+
+
+@torch.no_grad()
+def dense_block(
+    block: nn.Module,
+    family: Family,
+    hidden: Tensor,
+    kwargs: dict,
+    *,
+    owl_m: float | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> tuple[Tensor, BlockResult]:
+    """Dense output, and OWL's outlier ratio of the block's Wanda scores when `owl_m` is set.
+
+    OWL (Yin et al. 2024): D = 100 · #(scores > M · mean(scores)) / #scores over all prunable
+    linears of the block, scores = Wanda |W| · a on the dense model's inputs.
+    """
+    linears = block_linears(block, family)
+    kinds = frozenset({S.NORMS}) if owl_m is not None else frozenset()
+    st, out = _collect(block, linears, hidden, kwargs, kinds, max_tokens, want_output=True)
+    result = BlockResult()
+    if owl_m is not None:
+        scores = torch.cat([METHODS.get("wanda").score(lin.weight.data, st[n]).flatten() for n, lin in linears.items()])
+        result.outlier_ratio = float((scores > scores.mean() * owl_m).sum().item()) / scores.numel() * 100
+    return out, result
+
+
+@torch.no_grad()
+def prune_block(
+    block: nn.Module,
+    family: Family,
+    hidden: Tensor | None,
+    kwargs: dict,
+    ratios: Mapping[str, float | Tensor],
+    opts: PruneOptions,
+    *,
+    want_output: bool = True,
+) -> tuple[Tensor | None, BlockResult]:
+    """Prune the block in place (final pass) and return its sparse output on the same inputs.
+
+    `hidden` may be None for data-free methods (magnitude without DSnoT) when no output is needed.
+    """
+    linears = block_linears(block, family)
+    kinds = opts.needs
+    st = {}
+    if kinds:
+        st, _ = _collect(block, linears, hidden, kwargs, kinds, opts.max_tokens, want_output=False)
+    _apply(linears, st, ratios, opts, family)
+    del st
+    result = BlockResult()
+    result.sparsity, result.row_sparsity = _sparsity(linears, rows=True)
+    out = forward_block(block, hidden, kwargs, opts.max_tokens) if want_output and hidden is not None else None
+    return out, result
+
+
+def alignment_metric(a_dense: Tensor, a_sparse: Tensor) -> float:
+    """NeuroAL's per-linear metric: ‖a^d/Σa^d − a^s/Σa^s‖₂ / len(a) (reference `get_neuroal_block`)."""
+    diff = a_dense / a_dense.sum() - a_sparse / a_sparse.sum()
+    return torch.linalg.vector_norm(diff).item() / a_dense.numel()
+
+
+@torch.no_grad()
+def score_block(
+    block: nn.Module,
+    family: Family,
+    hidden: Tensor,
+    kwargs: dict,
+    ratios: Mapping[str, float | Tensor],
+    opts: PruneOptions,
+    *,
+    want_alignment: bool = False,
+) -> tuple[Tensor, BlockResult]:
+    """Score one NeuroAL candidate on one block and return the sparse output for the next block.
+
+    Dense pass on the stream's current input (input norms a^d and the method's statistics),
+    prune at the candidate's ratios, sparse pass on the same input (a^s and the output), then
+    restore the dense weights: the block is left exactly as it was.
+    """
+    linears = block_linears(block, family)
+    kinds = opts.needs | {S.NORMS}
+    dense, _ = _collect(block, linears, hidden, kwargs, kinds, opts.max_tokens, want_output=False)
+    saved = {name: lin.weight.data.clone() for name, lin in linears.items()}
+    try:
+        _apply(linears, dense, ratios, opts, family)
+        sparse, out = _collect(block, linears, hidden, kwargs, frozenset({S.NORMS}), opts.max_tokens, want_output=True)
+    finally:
+        for name, lin in linears.items():
+            lin.weight.data.copy_(saved[name])
+    result = BlockResult()
+    for name in linears:
+        a_d, a_s = dense[name].norms, sparse[name].norms
+        result.metric[name] = alignment_metric(a_d, a_s)
+        if want_alignment:
+            result.alignment[name] = a_d - a_s
+    return out, result

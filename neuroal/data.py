@@ -1,0 +1,286 @@
+"""Calibration windows and perplexity token streams, from the hub or a local data folder.
+
+Protocol (DESIGN §5, as the SparseGPT/Wanda/NeuroAL data code):
+- calibration: `nsamples` windows of `seqlen` tokens; for each, draw a random document (Python
+  `random`, seeded once) until one has more than `seqlen` tokens, then a random window of it. With
+  seed 0 the first 8 windows of 128 are exactly the 8-window set the NeuroAL search uses.
+- perplexity: WikiText-2 test rows joined by "\\n\\n"; C4 validation, first 1100 documents joined by
+  " " and truncated to 256·seqlen tokens; PTB test sentences joined by " ".
+
+Hub names resolve through `datasets` when no data folder is given. With `--data-dir` /
+`NEUROAL_DATA_DIR`, the same names resolve from a folder laid out like `shared/data`:
+`wikitext2/wiki.{test,valid,train}.raw`, `c4/*.json[l][.gz]`, `ptb/ptb.{test,train}.txt`.
+Any user file works too: `.txt` (one document), `.jsonl`/`.json[.gz]` (a `text` field per line),
+`.parquet` (a `text` column); for calibration, a file of ready token ids (`.pt`, `.npy`, or a Parquet
+`input_ids` column) of shape [n, seqlen] is used as-is.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from neuroal.errors import DataError, SpecError
+
+logger = logging.getLogger(__name__)
+
+DATA_ENV = "NEUROAL_DATA_DIR"
+DATASETS = ("wikitext2", "c4", "ptb")
+DATA_VERSION = "1"  # bump when the protocol below changes; recorded with every result
+C4_VAL_DOCS = 1100
+C4_VAL_WINDOWS = 256
+
+
+def resolve_data_dir(explicit: str | Path | None = None) -> Path | None:
+    """`--data-dir` if given, else `NEUROAL_DATA_DIR`, else None (use the hub)."""
+    value = explicit if explicit is not None else os.environ.get(DATA_ENV)
+    if value in (None, ""):
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data-dir: {str(path)!r} is not a folder")
+    return path
+
+
+@dataclass(frozen=True)
+class Documents:
+    """Documents of one dataset split and where they came from (recorded in run.json)."""
+
+    docs: list[str]
+    origin: str
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _read_json_docs(path: Path) -> list[str]:
+    docs = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"data: {path}:{lineno} is not a JSON line with a 'text' field") from exc
+    return docs
+
+
+def _read_parquet_docs(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "text" not in table.column_names:
+        raise DataError(f"data: {path} has no 'text' column (columns: {', '.join(table.column_names)})")
+    return [str(x) for x in table.column("text").to_pylist()]
+
+
+def read_file_docs(path: Path) -> list[str]:
+    """Documents of a user file by extension (.txt one document; .jsonl/.json[.gz]; .parquet)."""
+    if not path.is_file():
+        raise DataError(f"data: file {str(path)!r} does not exist")
+    name = path.name.lower()
+    try:
+        if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+            return _read_json_docs(path)
+        if name.endswith(".parquet"):
+            return _read_parquet_docs(path)
+        if name.endswith((".txt", ".raw", ".txt.gz")):
+            with _open_text(path) as f:
+                return [f.read()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data: {path} is not UTF-8 text") from exc
+    raise DataError(f"data: {path} has an unknown extension; allowed: .txt, .jsonl, .json[.gz], .parquet")
+
+
+def _wikitext_rows(path: Path) -> list[str]:
+    # Universal-newline reading gives the rows the HF `wikitext-2-raw-v1` loader yields, except that
+    # it turns the blank lines (a single space) into "" (verified in shared/data/SOURCES.md).
+    with open(path, encoding="utf-8") as f:
+        return ["" if not line.strip() else line for line in f]
+
+
+def _local_docs(name: str, split: str, root: Path) -> Documents:
+    if name == "wikitext2":
+        file = root / "wikitext2" / {"test": "wiki.test.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"}[split]
+        if not file.exists():
+            raise DataError(f"data: wikitext2 {split} needs {file}, which does not exist")
+        return Documents(_wikitext_rows(file), str(file))
+    if name == "ptb":
+        file = root / "ptb" / {"test": "ptb.test.txt", "validation": "ptb.valid.txt", "train": "ptb.train.txt"}[split]
+        if not file.exists():
+            raise DataError(f"data: ptb {split} needs {file}, which does not exist")
+        with open(file, encoding="utf-8") as f:
+            return Documents([line.rstrip("\n") for line in f], str(file))
+    if name == "c4":
+        folder = root / "c4"
+        files = sorted(p for p in folder.glob("*") if p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")))
+        if not files:
+            raise DataError(f"data: c4 needs JSON-lines files in {folder}, found none")
+        tag = "train" if split == "train" else "validation"
+        tagged = [p for p in files if tag in p.name]
+        if not tagged:
+            logger.warning("no c4 file named *%s* in %s: using all %d files for the %s split", tag, folder, len(files), split)
+            tagged = files
+        docs = [d for p in tagged for d in _read_json_docs(p)]
+        return Documents(docs, ",".join(str(p) for p in tagged))
+    raise AssertionError(name)
+
+
+def _hub_docs(name: str, split: str) -> Documents:
+    import datasets
+
+    try:
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            return Documents(list(ds["text"]), f"hub:wikitext/wikitext-2-raw-v1:{split}")
+        if name == "c4":
+            files = {
+                "train": "en/c4-train.00000-of-01024.json.gz",
+                "validation": "en/c4-validation.00000-of-00008.json.gz",
+            }
+            ds = datasets.load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
+            return Documents(list(ds["text"]), f"hub:allenai/c4:{files[split]}")
+        if name == "ptb":
+            ds = datasets.load_dataset("ptb-text-only/ptb_text_only", "penn_treebank", split=split)
+            return Documents(list(ds["sentence"]), f"hub:ptb_text_only:{split}")
+    except Exception as exc:
+        raise DataError(
+            f"data: cannot load {name} {split} from the hub ({type(exc).__name__}); "
+            f"offline, pass --data-dir or set {DATA_ENV} to a local data folder"
+        ) from exc
+    raise AssertionError(name)
+
+
+def load_documents(name: str, split: str, data_dir: Path | None) -> Documents:
+    """Documents of a named dataset split, or of a user file (then `split` is ignored)."""
+    if name in DATASETS:
+        return _local_docs(name, split, data_dir) if data_dir is not None else _hub_docs(name, split)
+    path = Path(name).expanduser()
+    if path.suffix or path.exists():
+        return Documents(read_file_docs(path), str(path))
+    raise SpecError("dataset", name, list(DATASETS) + ["a .txt/.jsonl/.parquet file"])
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def perplexity_tokens(name: str, tokenizer, seqlen: int, data_dir: Path | None) -> tuple[Tensor, str]:
+    """The token stream [N] a perplexity is computed on, and its origin."""
+    if name == "wikitext2":
+        docs = load_documents(name, "test", data_dir)
+        text = "\n\n".join(docs.docs)
+    elif name == "c4":
+        docs = load_documents(name, "validation", data_dir)
+        text = " ".join(docs.docs[:C4_VAL_DOCS])
+    elif name == "ptb":
+        docs = load_documents(name, "test", data_dir)
+        text = " ".join(docs.docs)
+    else:
+        docs = load_documents(name, "test", data_dir)
+        text = "\n\n".join(docs.docs)
+    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    if name == "c4":
+        ids = ids[: C4_VAL_WINDOWS * seqlen]
+    if ids.numel() < seqlen:
+        raise DataError(f"data: {name} has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+    return ids, docs.origin
+
+
+def perplexity_windows(ids: Tensor, seqlen: int) -> Tensor:
+    """Non-overlapping [n, seqlen] windows of a token stream (the remainder is dropped)."""
+    n = ids.numel() // seqlen
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+_READY_SUFFIXES = (".pt", ".npy")
+
+
+def _ready_ids(path: Path) -> Tensor | None:
+    """Token ids stored ready-made ([n, seqlen]), or None if the file holds text."""
+    name = path.name.lower()
+    if name.endswith(".pt"):
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    elif name.endswith(".npy"):
+        t = torch.from_numpy(np.load(path))
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+        if "input_ids" not in schema.names:
+            return None
+        t = torch.tensor(pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist())
+    else:
+        return None
+    if not isinstance(t, Tensor) or t.dim() != 2 or t.is_floating_point():
+        raise DataError(f"calibration: {path} must hold integer token ids of shape [n, seqlen]")
+    return t.long()
+
+
+def calibration_windows(
+    source: str,
+    tokenizer,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    data_dir: Path | None,
+) -> tuple[Tensor, str]:
+    """`nsamples` calibration windows [nsamples, seqlen] and their origin.
+
+    Raises:
+        DataError: missing data, no document longer than `seqlen`, or a ready-ids file whose shape
+            does not match `--nsamples`/`--seqlen`.
+    """
+    path = Path(source).expanduser()
+    if source not in DATASETS and path.suffix:
+        if not path.is_file():
+            raise DataError(f"calibration: file {str(path)!r} does not exist")
+        ready = _ready_ids(path)
+        if ready is not None:
+            if ready.shape[1] != seqlen or ready.shape[0] < nsamples:
+                raise DataError(
+                    f"calibration: {path} holds token ids of shape {tuple(ready.shape)}; "
+                    f"need at least [--nsamples {nsamples}, --seqlen {seqlen}]"
+                )
+            return ready[:nsamples].clone(), f"{path} (ready token ids)"
+    docs = load_documents(source, "train", data_dir)
+    if not docs.docs:
+        raise DataError(f"calibration: {docs.origin} has no documents")
+    rng = random.Random(seed)
+    cache: dict[int, list[int]] = {}
+    too_short: set[int] = set()
+    windows = []
+    for _ in range(nsamples):
+        while True:
+            i = rng.randint(0, len(docs.docs) - 1)
+            if i not in cache:
+                cache[i] = tokenizer(docs.docs[i]).input_ids
+            ids = cache[i]
+            if len(ids) > seqlen:
+                break
+            too_short.add(i)
+            if len(too_short) == len(docs.docs):
+                longest = max(len(v) for v in cache.values())
+                raise DataError(
+                    f"calibration: no document in {docs.origin} is longer than --seqlen {seqlen} tokens "
+                    f"(longest: {longest}); lower --seqlen or give a larger dataset"
+                )
+        j = rng.randint(0, len(ids) - seqlen - 1)
+        windows.append(ids[j : j + seqlen])
+    return torch.tensor(windows, dtype=torch.long), docs.origin

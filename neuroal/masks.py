@@ -1,0 +1,56 @@
+"""Pruning masks from scores (True = prune). All vectorised: one sort per matrix, no row loop.
+
+- `row_mask`: per output row prune the lowest `int(in · s)` (stable ascending sort), the default
+  granularity of Wanda/NeuroAL's reference (`compute_mask(..., "row")`).
+- `row_mask_ratios`: row-specific ratios (NeuroAL row step, the reference's "neuron" mode): each
+  row keeps its top `floor((1 − s_row) · in)` scores (stable descending sort).
+- `layer_mask`: the lowest `int(numel · s)` over the whole matrix (exact count, stable).
+- `nm_mask`: in every group of M consecutive inputs of a row, the N lowest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def row_mask(score: Tensor, ratio: float) -> Tensor:
+    """Per-row mask with one ratio for all rows: [out, in] bool."""
+    k = int(score.shape[1] * float(ratio))
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        idx = torch.sort(score, dim=1, stable=True)[1][:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def row_mask_ratios(score: Tensor, ratios: Tensor) -> Tensor:
+    """Per-row mask with a ratio per row (ratios [out] in [0, 1]): [out, in] bool."""
+    cols = score.shape[1]
+    keep = ((1.0 - ratios.to(torch.float64)) * cols).long().clamp(0, cols)  # [out]
+    order = torch.sort(score, dim=1, stable=True, descending=True)[1]  # [out, in]
+    pruned_rank = torch.arange(cols, device=score.device).reshape(1, -1) >= keep.reshape(-1, 1).to(score.device)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    mask.scatter_(1, order, pruned_rank)
+    return mask
+
+
+def layer_mask(score: Tensor, ratio: float) -> Tensor:
+    """One threshold for the whole matrix: the lowest `int(numel · ratio)` entries."""
+    k = int(score.numel() * float(ratio))
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        mask[torch.sort(score.flatten(), stable=True)[1][:k]] = True
+    return mask.reshape(score.shape)
+
+
+def nm_mask(score: Tensor, n: int, m: int) -> Tensor:
+    """N:M mask: the N lowest of every M consecutive inputs of each row."""
+    out, cols = score.shape
+    if cols % m:
+        raise ValueError(f"N:M pattern {n}:{m} needs input width divisible by {m}, got {cols}")
+    groups = score.reshape(out, cols // m, m)
+    idx = torch.topk(groups, n, dim=2, largest=False)[1]
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, idx, True)
+    return mask.reshape(out, cols)

@@ -1,0 +1,149 @@
+"""Push streams through a chain of shards, in-process or on Ray, with the same driver code.
+
+A `Chain` runs a method on shard i and returns a handle; handles of one shard's output are passed
+straight to the next shard (on Ray, as object refs: hidden states go actor to actor, never through
+the driver). `LocalChain` runs calls immediately in this process; `RayChain` (orchestrator.ray_chain)
+submits them to actors, so K streams in flight keep every shard busy.
+
+>>> from orchestrator.pipeline import LocalChain
+>>> class Echo:
+...     def run(self, task, x, partial): return x + 1, {"seen": x}
+>>> chain = LocalChain([Echo(), Echo()])
+>>> out, records = run_stream(chain, "task", 1)
+>>> chain.get(out), records
+(3, [{'seen': 1}, {'seen': 2}])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class Chain(Protocol):
+    n_shards: int
+
+    def call(self, shard: int, method: str, *args) -> Any: ...
+
+    def call2(self, shard: int, method: str, *args) -> tuple[Any, Any]: ...
+
+    def wait(self, handles: Sequence[Any]) -> list[Any]: ...
+
+    def get(self, handle: Any) -> Any: ...
+
+    def put(self, value: Any) -> Any: ...
+
+
+@dataclass
+class Done:
+    """A finished in-process call (the local chain's handle)."""
+
+    value: Any
+
+
+class LocalChain:
+    """Shards held in this process; every call runs to completion when submitted."""
+
+    def __init__(self, shards: Sequence[Any]):
+        self.shards = list(shards)
+        self.n_shards = len(self.shards)
+
+    @staticmethod
+    def _resolve(args):
+        return [a.value if isinstance(a, Done) else a for a in args]
+
+    def call(self, shard: int, method: str, *args) -> Done:
+        return Done(getattr(self.shards[shard], method)(*self._resolve(args)))
+
+    def call2(self, shard: int, method: str, *args) -> tuple[Done, Done]:
+        a, b = getattr(self.shards[shard], method)(*self._resolve(args))
+        return Done(a), Done(b)
+
+    def wait(self, handles):
+        return list(handles)
+
+    def get(self, handle):
+        return handle.value if isinstance(handle, Done) else handle
+
+    def put(self, value):
+        return Done(value)
+
+    def broadcast(self, method: str, *args) -> list:
+        return [self.get(self.call(i, method, *args)) for i in range(self.n_shards)]
+
+
+def run_stream(chain, task, hidden) -> tuple[Any, list]:
+    """One stream through every shard in order; returns (output handle, records per shard)."""
+    records = []
+    for i in range(chain.n_shards):
+        hidden, rec = chain.call2(i, "run", task, hidden, 0.0)
+        records.append(rec)
+    return hidden, [chain.get(r) for r in records]
+
+
+@dataclass
+class StreamOutcome:
+    key: Any
+    total: float | None  # None when stopped early
+    partial: float  # the sum when it finished or stopped
+    records: list  # per shard ShardRun, only for finished streams
+
+
+def race_streams(
+    chain,
+    keys: Sequence[Any],
+    task_for: Callable[[Any, int, float], Any],
+    hidden0: Any,
+    *,
+    max_in_flight: int,
+    early_stop: bool = True,
+) -> dict[Any, StreamOutcome]:
+    """Run one scoring stream per key through the chain, `max_in_flight` at a time; stop losers.
+
+    Each shard adds its blocks' non-negative per-linear scores to the stream's running sum, in
+    block and linear order (the same float additions whatever the sharding). A stream whose sum
+    already exceeds the best finished total cannot win or tie, so it stops there, also inside a
+    shard between two blocks (`task_for(key, shard, bound)` puts the bound in the task). This is
+    exact: the argmin is unchanged, and ties still finish so the caller resolves them in key order.
+    Streams start in the order of `keys`, so put a likely winner first.
+    """
+    waiting = list(keys)
+    active: list[dict] = []
+    outcomes: dict[Any, StreamOutcome] = {}
+    best = float("inf")
+
+    def submit(st: dict, hidden):
+        bound = best if early_stop else float("inf")
+        task = task_for(st["key"], st["shard"], bound)
+        st["out"], st["res"] = chain.call2(st["shard"], "run", task, hidden, st["partial"])
+
+    def start_next():
+        while waiting and len(active) < max_in_flight:
+            st = {"key": waiting.pop(0), "shard": 0, "partial": 0.0, "records": []}
+            submit(st, hidden0)
+            active.append(st)
+
+    start_next()
+    while active:
+        ready = {id(h) for h in chain.wait([st["res"] for st in active])}
+        for st in [s for s in active if id(s["res"]) in ready]:
+            run = chain.get(st["res"])
+            st["partial"] = run.partial
+            st["records"].append(run)
+            st["shard"] += 1
+            if run.stopped_at is not None or (early_stop and st["partial"] > best and st["shard"] < chain.n_shards):
+                active.remove(st)
+                outcomes[st["key"]] = StreamOutcome(st["key"], None, st["partial"], [])
+                logger.debug("stream %s stopped at %.6g > %.6g", st["key"], st["partial"], best)
+            elif st["shard"] == chain.n_shards:
+                active.remove(st)
+                outcomes[st["key"]] = StreamOutcome(st["key"], st["partial"], st["partial"], st["records"])
+                best = min(best, st["partial"])
+            else:
+                submit(st, st["out"])
+        start_next()
+    return outcomes

@@ -1,0 +1,281 @@
+"""A shard: a contiguous range of decoder blocks (plus embeddings / head at the ends) on one device.
+
+`Shard` is a plain class, testable without Ray; the in-process run holds one (or several) of them
+directly and the Ray path wraps the same class with `ray.remote` (see `pipeline.py`). It loads only
+its own tensors, by name, from the safetensors checkpoint; all math is `neuroal.block`.
+
+Hidden states cross shard boundaries as numpy arrays on the CPU ("wire" form): the object store
+keeps numpy zero-copy, and in-process the conversion shares memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from neuroal import block as B
+from neuroal.allocation.ratios import Ratios, to_tensor
+from neuroal.families import apply_head, capture_block_inputs, family_for, get_blocks, linear_shapes
+from neuroal.models import build_skeleton, load_config, materialize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    index: int
+    n_shards: int
+    first_block: int
+    end_block: int  # exclusive
+    has_embeddings: bool
+    has_head: bool
+
+    @property
+    def blocks(self) -> range:
+        return range(self.first_block, self.end_block)
+
+
+@dataclass(frozen=True)
+class StreamTask:
+    """What a stream asks of every block it passes through.
+
+    kind: "forward" (plain forward), "dense" (dense statistics, e.g. OWL's outlier ratios),
+    "score" (a NeuroAL candidate), "prune" (the final pass: prune in place).
+    """
+
+    kind: str
+    ratios: Ratios | None = None
+    opts: B.PruneOptions | None = None
+    want_alignment: bool = False
+    owl_m: float | None = None
+    stop_above: float = float("inf")  # "score": stop once the running sum exceeds this bound
+
+
+@dataclass
+class ShardRun:
+    """What one shard returns for one stream (small; hidden states travel separately)."""
+
+    records: dict[int, B.BlockResult]
+    partial: float = 0.0  # running sum of the alignment metric, in block then linear order
+    stopped_at: int | None = None  # block after which a "score" stream was stopped by its bound
+
+
+_WIRE_VIEW = {torch.bfloat16: torch.int16}
+
+
+def to_wire(t: Tensor) -> tuple[np.ndarray, str]:
+    t = t.detach().to("cpu")
+    dtype = str(t.dtype).removeprefix("torch.")
+    if t.dtype in _WIRE_VIEW:
+        t = t.view(_WIRE_VIEW[t.dtype])
+    return t.numpy(), dtype
+
+
+def from_wire(wire: tuple[np.ndarray, str], device) -> Tensor:
+    arr, dtype = wire
+    t = torch.from_numpy(np.asarray(arr))
+    target = getattr(torch, dtype)
+    if target in _WIRE_VIEW:
+        t = t.view(target)
+    return t.to(device)
+
+
+class Shard:
+    """Blocks [first_block, end_block) of one model, loaded tensor by tensor."""
+
+    def __init__(self, model_dir: str | Path, spec: ShardSpec, *, dtype: str = "float32", device: str = "cpu"):
+        t0 = time.perf_counter()
+        self.model_dir = Path(model_dir)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.config = load_config(self.model_dir)
+        self.family = family_for(self.config)
+        self.model = build_skeleton(self.config)
+        blocks_prefix = self.family.blocks + "."
+        head = tuple(p + "." for p in self.family.head)
+        mine = tuple(f"{blocks_prefix}{b}." for b in spec.blocks)
+
+        def wanted(name: str) -> bool:
+            if name.startswith(blocks_prefix):
+                return name.startswith(mine)
+            if name.startswith(head):
+                return spec.has_head
+            return spec.has_embeddings
+
+        self.loaded = materialize(self.model, self.model_dir, wanted, dtype=self.dtype, device=self.device)
+        if spec.has_head and not spec.has_embeddings:
+            self._load_tied_input_embedding()
+        self.blocks = get_blocks(self.model, self.family)
+        self.shapes = linear_shapes(self.blocks[spec.first_block], self.family)
+        self._kwargs: dict[int, dict] = {}
+        self.on_block = None  # in-process progress callback (kind, block index)
+        self.load_seconds = time.perf_counter() - t0
+        logger.info("shard %d: blocks %d..%d loaded in %.1fs", spec.index, spec.first_block, spec.end_block - 1, self.load_seconds)
+
+    def _load_tied_input_embedding(self) -> None:
+        """A tied head needs the input embedding matrix on the last shard too."""
+        out_emb = self.model.get_output_embeddings()
+        if out_emb is not None and out_emb.weight.device.type == "meta":
+            in_name = self._input_embedding_name()
+            materialize(self.model, self.model_dir, lambda n: n == in_name, dtype=self.dtype, device=self.device)
+            out_emb.weight = self.model.get_input_embeddings().weight
+
+    # ------------------------------------------------------------------ stream entry and exit
+
+    def block_kwargs(self, seqlen: int) -> dict:
+        """The keyword arguments every block takes for windows of `seqlen` (first shard only)."""
+        assert self.spec.has_embeddings
+        if seqlen not in self._kwargs:
+            ids = torch.zeros(1, seqlen, dtype=torch.long, device=self.device)
+            self._kwargs[seqlen] = capture_block_inputs(self.model, self.family, ids).kwargs
+        return {k: (v.cpu() if isinstance(v, Tensor) else tuple(x.cpu() for x in v) if isinstance(v, tuple) else v)
+                for k, v in self._kwargs[seqlen].items()}
+
+    def set_block_kwargs(self, seqlen: int, kwargs: dict) -> None:
+        def move(v):
+            if isinstance(v, Tensor):
+                return v.to(self.device)
+            if isinstance(v, tuple):
+                return tuple(move(x) for x in v)
+            return v
+
+        self._kwargs[seqlen] = {k: move(v) for k, v in kwargs.items()}
+
+    def embed(self, input_ids: Tensor) -> tuple[np.ndarray, str]:
+        """Hidden states entering block 0 for token ids [n, seqlen]."""
+        assert self.spec.has_embeddings
+        inputs = capture_block_inputs(self.model, self.family, input_ids.to(self.device))
+        return to_wire(inputs.hidden.to(self.dtype))
+
+    @torch.no_grad()
+    def nll(self, wire, input_ids: Tensor) -> tuple[float, int]:
+        """Σ over windows of (mean next-token NLL · seqlen), and the window count (last shard).
+
+        This is the papers' perplexity accumulator (`eval_ppl_wikitext`): each window's mean loss
+        over its seqlen−1 predictions, weighted by seqlen.
+        """
+        assert self.spec.has_head
+        hidden = from_wire(wire, self.device)
+        total = 0.0
+        ids = input_ids.to(self.device)
+        for i in range(hidden.shape[0]):  # one window at a time bounds the [seqlen, vocab] logits
+            logits = apply_head(self.model, self.family, hidden[i : i + 1]).float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[i, 1:])
+            total += loss.item() * ids.shape[1]
+        return total, int(hidden.shape[0])
+
+    # ------------------------------------------------------------------ the unit of work
+
+    @torch.no_grad()
+    def run(self, task: StreamTask, wire, partial: float = 0.0) -> tuple[tuple[np.ndarray, str] | None, ShardRun]:
+        """Push one stream through this shard's blocks; returns its output and a `ShardRun`."""
+        hidden = from_wire(wire, self.device) if wire is not None else None
+        seqlen = hidden.shape[1] if hidden is not None else None
+        if hidden is not None and seqlen not in self._kwargs:
+            raise RuntimeError(f"shard {self.spec.index}: block kwargs for seqlen {seqlen} were never set")
+        kwargs = self._kwargs.get(seqlen, {})
+        max_tokens = task.opts.max_tokens if task.opts else B.DEFAULT_MAX_TOKENS
+        run = ShardRun(records={}, partial=partial)
+        for b in self.spec.blocks:
+            block = self.blocks[b]
+            if task.kind == "forward":
+                hidden = B.forward_block(block, hidden, kwargs, max_tokens)
+                continue
+            if task.kind == "dense":
+                hidden, run.records[b] = B.dense_block(block, self.family, hidden, kwargs, owl_m=task.owl_m, max_tokens=max_tokens)
+                if self.on_block is not None:
+                    self.on_block(task.kind, b)
+                continue
+            ratios = {name: to_tensor(r) for name, r in task.ratios[b].items()}
+            if task.kind == "prune":
+                hidden, run.records[b] = B.prune_block(block, self.family, hidden, kwargs, ratios, task.opts)
+            elif task.kind == "score":
+                hidden, rec = B.score_block(
+                    block, self.family, hidden, kwargs, ratios, task.opts, want_alignment=task.want_alignment
+                )
+                run.records[b] = rec
+                for value in rec.metric.values():  # one float at a time: the reference's sum order
+                    run.partial += value
+                if run.partial > task.stop_above:
+                    run.stopped_at = b
+                    return None, run
+            else:
+                raise ValueError(f"unknown stream task {task.kind!r}")
+            if self.on_block is not None:
+                self.on_block(task.kind, b)
+        return (to_wire(hidden) if hidden is not None else None), run
+
+    # ------------------------------------------------------------------ inspection and output
+
+    def block_weights(self) -> dict[int, dict[str, Tensor]]:
+        """The prunable weights of this shard's blocks (tests compare masks across shardings)."""
+        from neuroal.families import block_linears
+
+        return {
+            b: {n: lin.weight.detach().cpu().clone() for n, lin in block_linears(self.blocks[b], self.family).items()}
+            for b in self.spec.blocks
+        }
+
+    def get_shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self.shapes)
+
+    def linear_numels(self) -> dict[int, dict[str, int]]:
+        return {b: {n: o * i for n, (o, i) in self.shapes.items()} for b in self.spec.blocks}
+
+    def esd_alphas(self) -> dict[int, dict[str, float]]:
+        """AlphaPruning's heavy-tail exponent of every prunable linear of this shard."""
+        from neuroal.allocation.alpha import esd_alpha
+        from neuroal.families import block_linears
+
+        return {
+            b: {n: esd_alpha(lin.weight.detach()) for n, lin in block_linears(self.blocks[b], self.family).items()}
+            for b in self.spec.blocks
+        }
+
+    def save(self, folder: str | Path) -> dict[str, str]:
+        """Write the tensors this shard loaded as one safetensors file; returns name -> file name.
+
+        A tied output embedding is not written (as `save_pretrained`): the input embedding,
+        written by the first shard, is the one tensor.
+        """
+        folder = Path(folder)
+        fname = f"model-{self.spec.index + 1:05d}-of-{self.spec.n_shards:05d}.safetensors"
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        params.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        out_emb = self.model.get_output_embeddings()
+        tied = getattr(self.config, "tie_word_embeddings", False) and out_emb is not None
+        state = {}
+        for name in self.loaded:
+            if tied and params[name] is out_emb.weight and name != self._input_embedding_name():
+                continue
+            state[name] = params[name].detach().to("cpu").contiguous()
+        tmp = folder / (fname + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / fname)
+        return {name: fname for name in state}
+
+    def _input_embedding_name(self) -> str:
+        emb = self.model.get_input_embeddings().weight
+        return next(n for n, p in self.model.named_parameters(remove_duplicate=False) if p is emb)
+
+    def summary(self) -> dict:
+        return {"index": self.spec.index, "blocks": [self.spec.first_block, self.spec.end_block - 1],
+                "load_seconds": round(self.load_seconds, 2), "device": str(self.device)}
+
+
+def write_index(folder: Path, weight_maps: list[dict[str, str]], total_bytes: int) -> None:
+    weight_map = {}
+    for m in weight_maps:
+        weight_map.update(m)
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

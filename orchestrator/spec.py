@@ -1,0 +1,160 @@
+"""`PruneSpec`: the validated flags of one prune (config at the edge; below it, typed parameters).
+
+Every bad value becomes one `SpecError` line naming the flag and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from neuroal.allocation import TOPUPS
+from neuroal.data import DATASETS
+from neuroal.errors import SpecError
+from neuroal.methods import METHODS, PATTERNS, parse_pattern
+
+STEPS = ("block", "row", "both")
+
+
+class PruneSpec(BaseModel):
+    """One prune: the CLI contract of DESIGN §1 plus tuning knobs with the papers' defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "smollm2-135m"
+    method: str = "wanda"
+    top_up: str = "uniform"
+    neuroal_step: Literal["block", "row", "both"] = "both"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    granularity: Literal["row", "layer"] = "row"
+    calibration: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    eval: tuple[str, ...] = ()
+    eval_dense: bool = False
+    eval_windows: int | None = None  # evaluate only the first N windows (None: all, the papers' protocol)
+    data_dir: str | None = None
+    out: str | None = None
+    shards: int = 1
+    address: str | None = None
+    executor: Literal["ray", "local"] = "ray"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    # method and top-up knobs (defaults from the papers' code)
+    blocksize: int = 128
+    percdamp: float = 0.01
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    alpha_epsilon: float = 0.3
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
+    search_windows: int = 8
+    early_stop: bool = True
+    max_tokens: int = 32768
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return METHODS.canonical(v)
+
+    @field_validator("top_up")
+    @classmethod
+    def _top_up(cls, v: str) -> str:
+        return TOPUPS.canonical(v)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise SpecError("--sparsity", v, "a fraction strictly between 0 and 1")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        p = parse_pattern(v)
+        return "unstructured" if p is None else str(p)
+
+    @field_validator("nsamples", "seqlen", "shards", "search_windows", "blocksize", "max_tokens")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v < 1:
+            raise SpecError("--" + info.field_name.replace("_", "-"), v, "a positive integer")
+        return v
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval(cls, v) -> tuple[str, ...]:
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            v = [x for x in v.split(",") if x.strip()]
+        out = []
+        for name in v:
+            name = name.strip()
+            if name not in DATASETS and "." not in name:
+                raise SpecError("--eval", name, list(DATASETS) + ["a .txt/.jsonl/.parquet file"])
+            out.append(name)
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> PruneSpec:
+        pattern = parse_pattern(self.pattern)
+        method = METHODS.get(self.method)
+        top_up = TOPUPS.get(self.top_up)
+        if pattern is not None:
+            if abs(self.sparsity - pattern.sparsity) > 1e-9 and "sparsity" in self.model_fields_set:
+                raise SpecError("--sparsity", self.sparsity, f"{pattern.sparsity} with --pattern {pattern} (or leave it out)")
+            if not top_up.supports_nm:
+                allowed = [t for t in TOPUPS.names() if TOPUPS.get(t).supports_nm]
+                raise SpecError("--top-up", self.top_up, f"{', '.join(allowed)} with an N:M --pattern (it fixes every layer at N/M)")
+        if self.granularity == "layer" and method.solver is not None:
+            raise SpecError("--granularity", "layer", f"row with --method {self.method} (its solver chooses the mask)")
+        if self.top_up == "neuroal":
+            if self.neuroal_step == "row" and method.solver is not None and "neuroal_step" in self.model_fields_set:
+                raise SpecError("--neuroal-step", "row", f"block with --method {self.method} (as the reference, block step only)")
+            if self.nsamples < self.search_windows:
+                raise SpecError("--nsamples", self.nsamples, f"at least --search-windows ({self.search_windows}) for NeuroAL")
+        return self
+
+    @property
+    def effective_sparsity(self) -> float:
+        p = parse_pattern(self.pattern)
+        return p.sparsity if p is not None else self.sparsity
+
+    def cell_key(self) -> str:
+        """Hash of what defines the result (DESIGN §6): not where or how fast it ran."""
+        keys = ("model", "method", "top_up", "neuroal_step", "sparsity", "pattern", "granularity", "seed",
+                "calibration", "nsamples", "seqlen")
+        payload = {k: getattr(self, k) for k in keys}
+        payload["sparsity"] = round(self.effective_sparsity, 6)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def default_out(self) -> str:
+        name = self.model.rstrip("/").split("/")[-1]
+        return f"runs/{name}-{self.method}-{self.top_up}-{self.effective_sparsity:g}-{self.pattern.replace(':', 'of')}"
+
+
+def build_spec(**kwargs) -> PruneSpec:
+    """PruneSpec from keyword flags; any validation failure becomes one SpecError line."""
+    try:
+        return PruneSpec(**kwargs)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        inner = err.get("ctx", {}).get("error")
+        if isinstance(inner, SpecError):
+            raise inner from None
+        field = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "spec"
+        if err["type"] == "extra_forbidden":
+            raise SpecError("spec", field.removeprefix("--"), "the fields of PruneSpec") from None
+        if err["type"] == "literal_error":
+            raise SpecError(field, err.get("input"), err["ctx"]["expected"].replace("'", "")) from None
+        raise SpecError(field, err.get("input"), err["msg"]) from None
+
+
+__all__ = ["PruneSpec", "build_spec", "STEPS", "PATTERNS"]

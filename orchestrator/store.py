@@ -1,0 +1,146 @@
+"""Append-only Parquet results store: one row per metric (DESIGN §6).
+
+The store is a folder of Parquet files (a pyarrow dataset; pandas and duckdb read it directly:
+`pd.read_parquet(folder)`, `duckdb.sql("select * from 'store/*.parquet'")`). Each write is one new
+file, written to a temp name and renamed, so a reader never sees half a file. A cell key (hash of
+the cell's spec) plus task and metric identify a result; writers skip rows that already exist.
+A truncated or corrupt file is reported with its path and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+STORE_ENV = "NEUROAL_STORE"
+DEFAULT_STORE = "runs/store"
+
+SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("cell_key", pa.string()),
+        ("model", pa.string()),
+        ("method", pa.string()),
+        ("top_up", pa.string()),
+        ("sparsity", pa.float64()),
+        ("pattern", pa.string()),
+        ("seed", pa.int64()),
+        ("calibration", pa.string()),
+        ("seqlen", pa.int64()),
+        ("task", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("stderr", pa.float64()),
+        ("lambda_block", pa.float64()),
+        ("lambda_row", pa.float64()),
+        ("sparsity_actual", pa.float64()),
+        ("wall_s", pa.float64()),
+        ("host", pa.string()),
+        ("versions", pa.string()),
+        ("data_version", pa.string()),
+        ("timestamp", pa.float64()),
+    ]
+)
+
+
+def store_dir(explicit: str | Path | None = None) -> Path:
+    return Path(explicit or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+
+@dataclass
+class ReadReport:
+    table: pa.Table
+    skipped: list[tuple[str, str]]  # (path, reason)
+
+
+def read_store(folder: str | Path) -> ReadReport:
+    """All rows; unreadable files are logged with their path and skipped."""
+    folder = Path(folder)
+    tables, skipped = [], []
+    for path in sorted(folder.glob("*.parquet")) if folder.exists() else []:
+        try:
+            t = pq.read_table(path)
+            tables.append(t.select([n for n in SCHEMA.names if n in t.column_names]).cast(
+                pa.schema([SCHEMA.field(n) for n in SCHEMA.names if n in t.column_names])))
+        except Exception as exc:  # truncated, corrupt, or foreign: report and go on
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.warning("results store: skipping unreadable %s (%s)", path, reason)
+            skipped.append((str(path), reason))
+    if not tables:
+        return ReadReport(SCHEMA.empty_table(), skipped)
+    return ReadReport(pa.concat_tables(tables, promote_options="default"), skipped)
+
+
+def existing_keys(folder: str | Path) -> set[tuple[str, str, str]]:
+    t = read_store(folder).table
+    return set(zip(t.column("cell_key").to_pylist(), t.column("task").to_pylist(), t.column("metric").to_pylist()))
+
+
+def append_rows(folder: str | Path, rows: list[dict]) -> int:
+    """Append rows not already present (by cell_key, task, metric); returns how many were written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = existing_keys(folder)
+    fresh, seen = [], set()
+    for r in rows:
+        key = (r["cell_key"], r["task"], r["metric"])
+        if key in have or key in seen:
+            continue
+        seen.add(key)
+        fresh.append({name: r.get(name) for name in SCHEMA.names})
+    if not fresh:
+        return 0
+    table = pa.Table.from_pylist(fresh, schema=SCHEMA)
+    name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, folder / name)
+    return len(fresh)
+
+
+def run_rows(run: dict, *, run_id: str | None = None) -> list[dict]:
+    """Rows of one prune's run.json: sparsity, and each perplexity (dense ones as their own metric)."""
+    spec = run["spec"]
+    base = {
+        "run_id": run_id or run.get("run_id") or uuid.uuid4().hex[:12],
+        "cell_key": run["cell_key"],
+        "model": spec["model"],
+        "method": spec["method"],
+        "top_up": spec["top_up"],
+        "sparsity": run["sparsity_target"],
+        "pattern": spec["pattern"],
+        "seed": spec["seed"],
+        "calibration": spec["calibration"],
+        "seqlen": spec["seqlen"],
+        "lambda_block": run.get("lambda_block"),
+        "lambda_row": run.get("lambda_row"),
+        "sparsity_actual": run.get("sparsity_actual"),
+        "wall_s": float(sum(run.get("timings_s", {}).values())),
+        "host": run.get("host") or socket.gethostname(),
+        "versions": json.dumps(run.get("versions", {}), sort_keys=True),
+        "data_version": run.get("data_version", "1"),
+        "timestamp": time.time(),
+    }
+    rows = [dict(base, task="prune", metric="sparsity_actual", value=run.get("sparsity_actual"), stderr=None)]
+    for name, v in run.get("perplexity", {}).items():
+        rows.append(dict(base, task=name, metric="perplexity", value=v, stderr=None))
+    for name, v in run.get("perplexity_dense", {}).items():
+        rows.append(dict(base, task=name, metric="perplexity_dense", value=v, stderr=None))
+    for r in run.get("zeroshot", []):
+        rows.append(dict(base, task=r["task"], metric=r["metric"], value=r["value"], stderr=r.get("stderr")))
+    return rows
+
+
+def append_run_rows(run: dict, folder: str | Path | None = None) -> int:
+    return append_rows(store_dir(folder), run_rows(run))

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random models per family (transformers' tester sizes) and real data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+SHARED_DATA = Path(os.environ.get("NEUROAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+VOCAB = 49152  # the SmolLM2 tokenizer's, so tiny models run on real text
+
+TINY = {
+    "llama": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=37),
+    "llama_gqa": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=37),
+    "mistral": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=37),
+    "qwen2": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=37),
+    "qwen3": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=37, head_dim=8),
+    "opt": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=37,
+                word_embed_proj_dim=32, max_position_embeddings=128),
+    "phi": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37),
+    "gpt_neox": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37),
+}
+
+
+def tiny_config(name: str):
+    kw = dict(TINY[name])
+    model_type = kw.pop("model_type", name)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None) -> Path:
+    """A random model of one family in Hugging Face layout (safetensors + tokenizer), deterministic."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(name)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # random init is small; widen weights so pruning choices are not ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from neuroal.models import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: make_tiny_checkpoint(name, root / name, tokenizer=smollm2_tokenizer) for name in TINY}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "wikitext2" / "wiki.test.raw").exists():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from neuroal.models import resolve_model
+
+    return resolve_model("smollm2-135m")

@@ -1,0 +1,124 @@
+"""Scores and masks on hand-checkable tensors."""
+
+import pytest
+import torch
+
+from neuroal import masks
+from neuroal.methods import METHODS, Pattern, parse_pattern, prune_linear
+from neuroal.scores import SCORES, magnitude, multiflow, wanda
+from neuroal.stats import NORMS, LinearStats
+from neuroal.errors import SpecError
+
+
+def stats_with_norms(a):
+    st = LinearStats(kinds=frozenset({NORMS}))
+    st.sum_sq = torch.tensor(a, dtype=torch.float32) ** 2  # one window: a = sqrt(sum_sq / 1)
+    st.n_windows = 1
+    return st
+
+
+W = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 0.5, 1.0]])
+A = [2.0, 1.0, 0.5]
+
+
+def test_magnitude_is_abs():
+    assert torch.equal(magnitude(W), W.abs())
+
+
+def test_wanda_broadcasts_input_norm_over_rows():
+    assert torch.allclose(wanda(W, stats_with_norms(A)), torch.tensor([[2.0, 2.0, 1.5], [8.0, 0.5, 0.5]]))
+
+
+def test_multiflow_by_hand():
+    S = torch.tensor([[2.0, 2.0, 1.5], [8.0, 0.5, 0.5]])  # |W|·a
+    imp_out = torch.tensor([5.5 / 3, 9.0 / 3])
+    imp_in = torch.tensor([5.0, 1.25, 1.0])
+    expect = W.abs() * torch.outer(imp_out, imp_in)
+    assert torch.allclose(multiflow(W, stats_with_norms(A)), expect)
+
+
+def test_stats_normalise_by_windows_like_the_reference():
+    st = LinearStats(kinds=frozenset({NORMS}))
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [1.0, 0.0]]])  # 2 windows x 2 tokens
+    st.add(x[:1])
+    st.add(x[1:])
+    assert torch.allclose(st.scaler_row, torch.tensor([(1 + 9 + 0 + 1) / 2, (4 + 16 + 1 + 0) / 2]))
+
+
+def test_row_mask_prunes_floor_count_per_row_stably():
+    score = torch.tensor([[3.0, 1.0, 2.0, 1.0], [0.0, 5.0, 5.0, 4.0]])
+    m = masks.row_mask(score, 0.5)
+    assert m.tolist() == [[False, True, False, True], [True, False, False, True]]
+    assert masks.row_mask(score, 0.7).sum(1).tolist() == [2, 2]  # int(4*0.7) = 2
+
+
+def test_row_mask_ratios_keeps_top_floor_density():
+    score = torch.tensor([[3.0, 1.0, 2.0, 4.0], [0.0, 5.0, 6.0, 4.0]])
+    m = masks.row_mask_ratios(score, torch.tensor([0.25, 0.7], dtype=torch.float64))
+    # row 0 keeps floor(0.75*4)=3: drops the 1.0; row 1 keeps floor(0.3*4)=1: keeps the 6.0
+    assert m.tolist() == [[False, True, False, False], [True, True, False, True]]
+
+
+def test_vectorised_row_ratios_equal_a_per_row_loop():
+    torch.manual_seed(0)
+    score = torch.rand(50, 64)
+    ratios = torch.rand(50, dtype=torch.float64) * 0.9
+    m = masks.row_mask_ratios(score, ratios)
+    for i in range(50):
+        keep = int((1 - ratios[i].item()) * 64)
+        top = torch.sort(score[i], descending=True, stable=True)[1][:keep]
+        expect = torch.ones(64, dtype=torch.bool)
+        expect[top] = False
+        assert torch.equal(m[i], expect)
+
+
+def test_layer_mask_exact_count():
+    torch.manual_seed(0)
+    score = torch.rand(8, 16)
+    m = masks.layer_mask(score, 0.3)
+    assert m.sum().item() == int(128 * 0.3)
+    assert score[m].max() <= score[~m].min()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_exact_pattern(n, m):
+    torch.manual_seed(1)
+    score = torch.rand(6, 32)
+    mask = masks.nm_mask(score, n, m)
+    groups = mask.reshape(6, -1, m)
+    assert (groups.sum(-1) == n).all()
+    s = score.reshape(6, -1, m)
+    assert (s[groups].reshape(6, -1, n).max(-1).values <= s[~groups].reshape(6, -1, m - n).min(-1).values).all()
+
+
+def test_nm_mask_hand_case():
+    score = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.1, 0.2, 0.3, 0.4]])
+    assert masks.nm_mask(score, 2, 4).tolist() == [[False, True, False, True, True, True, False, False]]
+
+
+def test_parse_pattern():
+    assert parse_pattern("unstructured") is None
+    assert parse_pattern("2:4") == Pattern(2, 4)
+    for bad in ("4:4", "5:4", "x", "0:4"):
+        with pytest.raises(SpecError, match="--pattern"):
+            parse_pattern(bad)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_prunes_a_layer_to_the_requested_sparsity(name):
+    torch.manual_seed(0)
+    Wl = torch.randn(16, 64)
+    X = torch.randn(4, 32, 64)
+    st = LinearStats(kinds=METHODS.get(name).needs | {NORMS})
+    st.add(X)
+    new = prune_linear(Wl, st, 0.5, METHODS.get(name))
+    assert (new == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    nm = prune_linear(Wl, st, 0.5, METHODS.get(name), pattern=Pattern(2, 4))
+    assert ((nm == 0).reshape(16, -1, 4).sum(-1) == 2).all()
+
+
+def test_registries_name_every_method():
+    assert sorted(METHODS.names()) == ["apt", "magnitude", "multiflow", "sparsegpt", "wanda"]
+    assert sorted(SCORES.names()) == ["magnitude", "multiflow", "wanda"]
+    with pytest.raises(SpecError, match="--method.*did you mean 'wanda'"):
+        METHODS.get("wand")

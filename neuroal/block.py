@@ -127,14 +127,11 @@ def _apply(
     for name, lin in linears.items():
         ratio = ratios[name]
         W = lin.weight.data
-        if opts.dsnot is not None and not (opts.dsnot.skip_mlp and name in family.mlp):
-            from neuroal.allocation.dsnot_apply import dsnot_weights
+        if opts.dsnot is not None:  # DSnoT skips the MLP by default: initial mask only there
+            from neuroal.allocation.dsnot import dsnot_prune
 
-            new = dsnot_weights(W, stats[name], ratio, method, opts)
-        elif opts.dsnot is not None:  # DSnoT skips the MLP: the base method's initial mask only
-            from neuroal.allocation.dsnot_apply import initial_weights
-
-            new = initial_weights(W, stats[name], ratio, method, opts)
+            refine = not (opts.dsnot.skip_mlp and name in family.mlp)
+            new = dsnot_prune(W, stats[name], ratio, method, pattern=opts.pattern, refine=refine, options=opts.dsnot)
         else:
             new = prune_linear(
                 W,

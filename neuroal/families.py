@@ -120,7 +120,7 @@ FAMILIES: tuple[Family, ...] = (
         name="gpt_neox",
         model_types=("gpt_neox",),
         blocks="gpt_neox.layers",
-        head=("gpt_neox.final_layer_norm", "embed_out"),
+        head=("gpt_neox.final_layer_norm", "lm_head"),
         linears=(
             "attention.query_key_value",
             "attention.dense",
@@ -260,10 +260,8 @@ def apply_head(model: nn.Module, family: Family, hidden: Tensor) -> Tensor:
     """Final norm, projections and lm head: hidden [b, s, d] -> logits [b, s, vocab]."""
     x = hidden
     for path in family.head:
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if module is not None:
+        parent, _, leaf = path.rpartition(".")
+        module = getattr(model.get_submodule(parent) if parent else model, leaf)
+        if module is not None:  # optional projections (OPT's project_out) are None when unused
             x = module(x)
     return x

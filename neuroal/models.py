@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -184,7 +185,21 @@ def _attn(config) -> str | None:
     return None if getattr(config, "model_type", "") in ("mamba", "mamba2") else "sdpa"
 
 
-def _model_key(name: str, model_keys: set[str], prefix: str) -> str | None:
+def checkpoint_renames(model: nn.Module) -> list[tuple[str, str]]:
+    """transformers' own checkpoint→module key renames for this model (e.g. GPT-NeoX embed_out→lm_head)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    out = []
+    for t in get_model_conversion_mapping(model, add_legacy=False):
+        if isinstance(t, WeightRenaming) and len(t.target_patterns) == 1:
+            out.extend((src, t.target_patterns[0]) for src in t.source_patterns)
+    return out
+
+
+def _model_key(name: str, model_keys: set[str], prefix: str, renames=()) -> str | None:
+    for pattern, repl in renames:
+        name = re.sub(pattern, repl, name)
     if name in model_keys:
         return name
     if prefix and f"{prefix}.{name}" in model_keys:
@@ -214,9 +229,10 @@ def materialize(
 
     state_keys = set(model.state_dict().keys())
     prefix = getattr(model, "base_model_prefix", "")
+    renames = checkpoint_renames(model)
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for ckpt_name, file in tensor_index(folder).items():
-        key = _model_key(ckpt_name, state_keys, prefix)
+        key = _model_key(ckpt_name, state_keys, prefix, renames)
         if key is not None and wanted(key):
             by_file.setdefault(file, []).append((ckpt_name, key))
     loaded = []

@@ -22,6 +22,7 @@ from neuroal.allocation import ratios as R
 from neuroal.allocation.schedule import owl_block_sparsity
 from neuroal.block import DSnoTOptions, PruneOptions
 from neuroal.data import calibration_windows, perplexity_tokens, perplexity_windows, resolve_data_dir
+from neuroal.errors import SpecError
 from neuroal.families import Family, family_for
 from neuroal.methods import parse_pattern
 from neuroal.models import load_config, load_tokenizer, resolve_model
@@ -42,8 +43,6 @@ def _noop(*_a, **_k):
 def even_shards(n_blocks: int, n_shards: int) -> list[ShardSpec]:
     """Contiguous, near-equal block ranges (blocks of one model have equal size)."""
     if not 1 <= n_shards <= n_blocks:
-        from neuroal.errors import SpecError
-
         raise SpecError("--shards", n_shards, f"1..{n_blocks} (the model has {n_blocks} blocks)")
     bounds = np.linspace(0, n_blocks, n_shards + 1).round().astype(int)
     return [
@@ -107,7 +106,14 @@ def open_session(spec: PruneSpec, shard_specs: list[ShardSpec] | None = None) ->
 
         chain = RayChain(model_dir, shard_specs, dtype=spec.dtype, device=spec.device, address=spec.address)
         shapes = chain.get(chain.call(0, "get_shapes"))
-    return Session(spec, model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes)
+    session = Session(spec, model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes)
+    pattern = parse_pattern(spec.pattern)
+    if pattern is not None:
+        bad = [f"{n} ({i})" for n, (_, i) in shapes.items() if i % pattern.m]
+        if bad:
+            session.close()
+            raise SpecError("--pattern", spec.pattern, f"N:M with M dividing every input width; {', '.join(bad)} is not")
+    return session
 
 
 def prune_options(spec: PruneSpec) -> PruneOptions:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import Tensor
 from neuroal import block as B
 from neuroal.allocation.ratios import Ratios, to_tensor
 from neuroal.families import apply_head, capture_block_inputs, family_for, get_blocks, linear_shapes
-from neuroal.models import build_skeleton, load_config, materialize
+from neuroal.models import build_skeleton, load_config, materialize, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ def to_wire(t: Tensor) -> tuple[np.ndarray, str]:
 
 def from_wire(wire: tuple[np.ndarray, str], device) -> Tensor:
     arr, dtype = wire
-    t = torch.from_numpy(np.asarray(arr))
+    with warnings.catch_warnings():  # object-store arrays are read-only; blocks never write inputs
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.asarray(arr))
     target = getattr(torch, dtype)
     if target in _WIRE_VIEW:
         t = t.view(target)
@@ -94,7 +97,7 @@ class Shard:
 
     def __init__(self, model_dir: str | Path, spec: ShardSpec, *, dtype: str = "float32", device: str = "cpu"):
         t0 = time.perf_counter()
-        self.model_dir = Path(model_dir)
+        self.model_dir = resolve_model(str(model_dir))  # a name resolves on this node (hub cache, GGUF)
         self.spec = spec
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)

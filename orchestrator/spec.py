@@ -153,7 +153,8 @@ def build_spec(**kwargs) -> PruneSpec:
         if err["type"] == "extra_forbidden":
             raise SpecError("spec", field.removeprefix("--"), "the fields of PruneSpec") from None
         if err["type"] == "literal_error":
-            raise SpecError(field, err.get("input"), err["ctx"]["expected"].replace("'", "")) from None
+            allowed = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+            raise SpecError(field, err.get("input"), allowed) from None
         raise SpecError(field, err.get("input"), err["msg"]) from None
 
 

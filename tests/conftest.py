@@ -15,7 +15,7 @@ VOCAB = 49152  # the SmolLM2 tokenizer's, so tiny models run on real text
 
 TINY = {
     "llama": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                  intermediate_size=37),
+                  intermediate_size=40),  # divisible by 8: N:M patterns apply
     "llama_gqa": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=37),
     "mistral": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -281,3 +281,40 @@ def dsnot_nm_mask(
         e = torch.where(update, after, e)
         active = update
     return mask
+
+
+def initial_metric(W: Tensor, stats, method) -> Tensor:
+    """The base method's score that seeds DSnoT's mask (reference `prune_DSnoT`).
+
+    Score methods use their score; solver methods (SparseGPT, APT) use SparseGPT's saliency
+    w² / [U]_jj² with U the upper Cholesky factor of the damped H⁻¹, and are not reconstructed
+    (the reference only masks).
+    """
+    if method.score is not None:
+        return method.score(W, stats)
+    from neuroal.solvers.hessian import prepare
+
+    W32, U = prepare(W, stats.hessian, 0.01)
+    return W32**2 / torch.diag(U).reshape(1, -1) ** 2
+
+
+@torch.no_grad()
+def dsnot_prune(W: Tensor, stats, ratio: float, method, *, pattern=None, refine: bool = True, options=None) -> Tensor:
+    """New weights: DSnoT's mask (or, with `refine=False`, only its initial mask) applied to W.
+
+    Args:
+        stats: a `neuroal.stats.LinearStats` with norms and moments (and the Hessian for solvers).
+        options: a `neuroal.block.DSnoTOptions` (cycles, threshold, variance power, same-sign).
+    """
+    if isinstance(ratio, Tensor):
+        raise ValueError("DSnoT takes one sparsity per layer, not per-row ratios")
+    metric = initial_metric(W, stats, method)
+    cycles = options.max_cycles if refine else 0
+    kw = dict(max_cycles=cycles, update_threshold=options.update_threshold,
+              pow_of_var_regrowing=options.pow_of_var_regrowing)
+    if pattern is not None:
+        mask = dsnot_nm_mask(W, metric, stats.mean_x, stats.var_x, pattern.n, pattern.m, **kw)
+    else:
+        wanda = W.abs().to(torch.float32) * stats.norms.reshape(1, -1)
+        mask = dsnot_mask(W, metric, wanda, stats.mean_x, stats.var_x, float(ratio), same_sign=options.same_sign, **kw)
+    return W.masked_fill(mask, 0)

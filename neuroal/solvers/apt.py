@@ -125,9 +125,11 @@ def _masked_solve(S: Tensor, R: Tensor, sel: Tensor) -> Tensor:
         idx = order[rows, :kp]  # [m, kp]; entries past |Q_r| are padding
         valid = torch.arange(kp, device=R.device) < k[rows].unsqueeze(1)  # [m, kp]
         Ssub = S[idx.unsqueeze(2), idx.unsqueeze(1)]  # [m, kp, kp] = S_QQ (+ padding)
-        Ssub.masked_fill_(~(valid.unsqueeze(2) & valid.unsqueeze(1)), 0.0)
-        Ssub.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1.0)  # identity padding
-        rhs = R[rows].gather(1, idx).masked_fill_(~valid, 0.0).unsqueeze(2)  # [m, kp, 1]
+        rhs = R[rows].gather(1, idx).unsqueeze(2)  # [m, kp, 1]
+        if not bool(valid.all()):  # identity padding, zero right-hand side
+            Ssub.masked_fill_(~(valid.unsqueeze(2) & valid.unsqueeze(1)), 0.0)
+            Ssub.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1.0)
+            rhs.masked_fill_(~valid.unsqueeze(2), 0.0)
         L, info = torch.linalg.cholesky_ex(Ssub)
         if bool((info != 0).any()):
             raise SingularHessianError(

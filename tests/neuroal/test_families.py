@@ -1,0 +1,47 @@
+"""Family adapters: blocks called on their own reproduce the model; unknown architectures fail clearly."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from neuroal.errors import UnsupportedArchitecture
+from neuroal.families import (
+    apply_head, block_linears, call_block, capture_block_inputs, family_for, get_blocks, supported_model_types,
+)
+from neuroal.models import build_skeleton, load_config, load_full, materialize
+
+FAMILY_NAMES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox"]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_blockwise_forward_equals_the_model(name, tiny_dirs):
+    model, family = load_full(tiny_dirs[name])
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], attn_implementation="sdpa")
+    ids = torch.randint(0, 1000, (3, 16))
+    with torch.no_grad():
+        expect = ref(ids).logits
+        inputs = capture_block_inputs(model, family, ids[:1] * 0)  # kwargs from a batch of one
+        hidden = capture_block_inputs(model, family, ids).hidden
+        for block in get_blocks(model, family):
+            hidden = call_block(block, hidden, inputs.kwargs)
+        logits = apply_head(model, family, hidden)
+    assert torch.allclose(logits, expect, atol=1e-4)
+    assert list(block_linears(get_blocks(model, family)[0], family)) == list(family.linears)
+
+
+def test_unsupported_architecture_names_it_and_the_supported_list():
+    cfg = AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2)
+    with pytest.raises(UnsupportedArchitecture, match=r"'gpt2' is not supported; supported: .*llama.*mamba.*opt"):
+        family_for(cfg)
+    assert "qwen3" in supported_model_types()
+
+
+def test_partial_load_reads_only_the_requested_tensors(tiny_dirs):
+    folder = tiny_dirs["llama"]
+    model = build_skeleton(load_config(folder))
+    loaded = materialize(model, folder, lambda n: n.startswith("model.layers.1."))
+    assert loaded and all(n.startswith("model.layers.1.") for n in loaded)
+    blocks = model.model.layers
+    assert blocks[1].mlp.up_proj.weight.device.type == "cpu"
+    assert blocks[0].mlp.up_proj.weight.device.type == "meta"
+    assert model.model.embed_tokens.weight.device.type == "meta"

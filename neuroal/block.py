@@ -146,6 +146,11 @@ def _apply(
         lin.weight.data.copy_(new)
 
 
+def block_sparsity(block: nn.Module, family: Family) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Fraction of zeros per linear, and per output row, of a block as it is now."""
+    return _sparsity(block_linears(block, family), rows=True)
+
+
 def _sparsity(linears: dict[str, nn.Module], rows: bool) -> tuple[dict[str, float], dict[str, Tensor]]:
     dense, per_row = {}, {}
     for name, lin in linears.items():

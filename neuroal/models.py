@@ -255,9 +255,8 @@ def _tie_if_needed(model: nn.Module, loaded: list[str], wanted, device) -> None:
     if not wanted(out_name) or out_emb.weight.device.type != "meta":
         return
     in_emb = model.get_input_embeddings()
-    in_name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is in_emb.weight)
     if in_emb.weight.device.type == "meta":
-        raise ModelLoadError(f"model: tied head {out_name} needs {in_name}, which was not loaded")
+        return  # a shard without the embeddings loads it separately (Shard._load_tied_input_embedding)
     out_emb.weight = in_emb.weight
 
 

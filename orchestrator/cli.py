@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -73,13 +74,14 @@ def run_prune(spec, *, overwrite: bool = False, quiet: bool = False) -> dict:
         raise NeuroalError(f"--out: {out} holds another run; choose another folder or pass --overwrite")
     with Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=quiet, transient=True) as bar:
-        session = open_session(spec)
+        partial = out.parent / f".{out.name}.partial-{spec.cell_key()}"
+        session = open_session(spec, resume_dir=partial)
         try:
             report = _Reporter(bar, session.n_blocks)
             for shard in getattr(session.chain, "shards", []):
                 shard.on_block = lambda kind, b: report("block", kind=kind, block=b)
             with RunFolder(out) as tmp:
-                run = execute(spec, tmp, progress=report, session=session)
+                run = execute(spec, tmp, progress=report, session=session, resume_dir=partial)
                 run["out"] = str(out)
                 write_json_atomic(tmp / RUN_JSON, run)
                 from orchestrator.plots import run_plots
@@ -87,6 +89,7 @@ def run_prune(spec, *, overwrite: bool = False, quiet: bool = False) -> dict:
                 run_plots(run, tmp)
         finally:
             session.close()
+    shutil.rmtree(partial, ignore_errors=True)
     from orchestrator.store import append_run_rows
 
     append_run_rows(run)

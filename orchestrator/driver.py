@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -91,20 +92,31 @@ class Session:
             close()
 
 
-def open_session(spec: PruneSpec, shard_specs: list[ShardSpec] | None = None) -> Session:
+def open_session(
+    spec: PruneSpec, shard_specs: list[ShardSpec] | None = None, *, resume_dir: Path | None = None
+) -> Session:
+    """Open the model as a chain of shards (in-process or Ray actors).
+
+    Args:
+        resume_dir: where shards checkpoint their pruned blocks; a restarted actor or a rerun
+            restores them instead of pruning again.
+    """
     model_dir = resolve_model(spec.model)
     config = load_config(model_dir)
     family = family_for(config)
     n_blocks = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
     shard_specs = shard_specs or even_shards(n_blocks, spec.shards)
     if spec.executor == "local":
-        shards = [Shard(model_dir, s, dtype=spec.dtype, device=spec.device) for s in shard_specs]
+        shards = [Shard(model_dir, s, dtype=spec.dtype, device=spec.device, resume_dir=resume_dir) for s in shard_specs]
         chain = LocalChain(shards)
         shapes = shards[0].shapes
     else:
         from orchestrator.ray_chain import RayChain
 
-        chain = RayChain(model_dir, shard_specs, dtype=spec.dtype, device=spec.device, address=spec.address)
+        # actors resolve the model themselves: a hub id or the default downloads/converts per node
+        model_ref = spec.model if not Path(spec.model).expanduser().exists() else model_dir
+        chain = RayChain(model_ref, shard_specs, dtype=spec.dtype, device=spec.device, address=spec.address,
+                         resume_dir=resume_dir)
         shapes = chain.get(chain.call(0, "get_shapes"))
     session = Session(spec, model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes)
     pattern = parse_pattern(spec.pattern)
@@ -273,15 +285,25 @@ def versions() -> dict:
     return out
 
 
-def execute(spec: PruneSpec, out_dir: Path, progress: Progress = _noop, session: Session | None = None) -> dict:
-    """Run a prune into `out_dir` (a fresh folder) and return the run.json content."""
+def execute(
+    spec: PruneSpec,
+    out_dir: Path,
+    progress: Progress = _noop,
+    session: Session | None = None,
+    resume_dir: Path | None = None,
+) -> dict:
+    """Run a prune into `out_dir` (a fresh folder) and return the run.json content.
+
+    With `resume_dir`, the chosen allocation is kept there (`allocation.pt`) and reused by a rerun,
+    next to the shards' pruned-block checkpoints.
+    """
     from orchestrator.runio import save_checkpoint
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
     data_dir = resolve_data_dir(spec.data_dir)
     own = session is None
-    session = session or open_session(spec)
+    session = session or open_session(spec, resume_dir=resume_dir)
     try:
         timings["load"] = time.perf_counter() - t
         opts = prune_options(spec)
@@ -299,7 +321,16 @@ def execute(spec: PruneSpec, out_dir: Path, progress: Progress = _noop, session:
             timings["eval_dense"] = time.perf_counter() - t
         progress("phase", name="allocation")
         t = time.perf_counter()
-        alloc = allocate(session, calib, opts, progress)
+        saved = Path(resume_dir) / "allocation.pt" if resume_dir else None
+        if saved is not None and saved.exists():
+            alloc = Allocation(**torch.load(saved, weights_only=False))
+            alloc.notes = alloc.notes + ["allocation restored from an interrupted earlier attempt"]
+        else:
+            alloc = allocate(session, calib, opts, progress)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(alloc.__dict__, saved.with_suffix(".tmp"))
+                os.replace(saved.with_suffix(".tmp"), saved)
         timings["allocation"] = time.perf_counter() - t
         timings.update({k: v for k, v in alloc.extra.pop("timings_s", {}).items()})
         progress("phase", name="prune")

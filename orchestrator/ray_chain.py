@@ -9,6 +9,7 @@ restarted by Ray if they die (`max_restarts`); the driver replays what was in fl
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -23,12 +24,12 @@ def _shard_actor_class():
     class ShardActor(Shard):
         """The plain Shard, with torch threads matched to the actor's CPU share."""
 
-        def __init__(self, model, spec, dtype, device, threads):
+        def __init__(self, model, spec, dtype, device, threads, resume_dir):
             import torch
 
             if threads:
                 torch.set_num_threads(threads)
-            super().__init__(model, spec, dtype=dtype, device=device)
+            super().__init__(model, spec, dtype=dtype, device=device, resume_dir=resume_dir)
 
         def ping(self) -> int:
             return os.getpid()
@@ -41,8 +42,24 @@ def _shard_actor_class():
     return ray.remote(ShardActor)
 
 
+class Handle:
+    """A call's result on Ray: the object ref, and how to make it again if its actor dies."""
+
+    __slots__ = ("ref", "call", "index", "siblings")
+
+    def __init__(self, ref, call, index):
+        self.ref, self.call, self.index, self.siblings = ref, call, index, None
+
+
 class RayChain:
-    """Shards as Ray actors; calls return object refs and never block."""
+    """Shards as Ray actors; calls return handles and never block.
+
+    Fault tolerance: actors restart (`max_restarts`) and reload their blocks (pruned ones from
+    their checkpoint). When `get` finds a call lost to a dead actor, the chain waits for the
+    restart, replays the state the actor was given (block kwargs), and resubmits the call with
+    the same inputs; the driver sees the same result. Inputs are earlier results held by the
+    driver, so nothing upstream is recomputed.
+    """
 
     parallel = True
 
@@ -56,9 +73,11 @@ class RayChain:
         address: str | None = None,
         max_restarts: int = 3,
         num_cpus: int | None = None,
+        resume_dir: str | Path | None = None,
+        recover_timeout_s: float = 600.0,
     ):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._started = False
@@ -71,18 +90,28 @@ class RayChain:
                     dashboard_host="127.0.0.1",
                     include_dashboard=False,
                     logging_level=logging.WARNING,
-                    log_to_driver=True,
                 )
                 self._started = True
         self.specs = list(shard_specs)
         self.n_shards = len(self.specs)
+        self.max_restarts = max_restarts
+        self.recover_timeout_s = recover_timeout_s
+        self.recoveries = 0
+        self._state: list[list[tuple[str, tuple]]] = [[] for _ in self.specs]
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         use_gpu = gpus >= self.n_shards and device != "cpu"
-        cpus = max(1, int(resources.get("CPU", 1)) // self.n_shards)
+        # more shards than CPUs (tests, small machines): fractional shares, one torch thread each
+        share = resources.get("CPU", 1) / self.n_shards
+        cpus = int(share) if share >= 1 else math.floor(share * 1000) / 1000
+        threads = max(1, int(share))
         bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": cpus}
         self.pg = placement_group([dict(bundle) for _ in self.specs], strategy="PACK")
-        ray.get(self.pg.ready(), timeout=600)
+        try:
+            ray.get(self.pg.ready(), timeout=300)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(f"Ray cannot place {self.n_shards} shards of {bundle} (cluster: {resources})") from None
         cls = _shard_actor_class()
         self.actors = []
         for i, spec in enumerate(self.specs):
@@ -90,42 +119,110 @@ class RayChain:
                 num_cpus=bundle.get("CPU", 1),
                 num_gpus=bundle.get("GPU", 0),
                 max_restarts=max_restarts,
-                max_task_retries=0,
+                max_task_retries=0,  # the chain replays lost calls itself (it knows their inputs)
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             )
             self.actors.append(
-                cls.options(**opts).remote(str(model), spec, dtype, "cuda" if use_gpu else "cpu", None if use_gpu else cpus)
+                cls.options(**opts).remote(
+                    str(model), spec, dtype, "cuda" if use_gpu else "cpu", None if use_gpu else threads,
+                    None if resume_dir is None else str(resume_dir),
+                )
             )
         ray.get([a.ping.remote() for a in self.actors])
 
-    def call(self, shard: int, method: str, *args):
-        return getattr(self.actors[shard], method).remote(*args)
+    # ------------------------------------------------------------------ submission
 
-    def call2(self, shard: int, method: str, *args):
-        return getattr(self.actors[shard], method).options(num_returns=2).remote(*args)
+    @staticmethod
+    def _refs(args):
+        return tuple(a.ref if isinstance(a, Handle) else a for a in args)
+
+    def _submit(self, call):
+        shard, method, args, n = call
+        fn = getattr(self.actors[shard], method)
+        if n > 1:
+            fn = fn.options(num_returns=n)
+        refs = fn.remote(*self._refs(args))
+        return refs if n > 1 else [refs]
+
+    def call(self, shard: int, method: str, *args) -> Handle:
+        if method.startswith("set_"):  # state a restarted actor must be given again
+            self._state[shard].append((method, args))
+        call = (shard, method, args, 1)
+        h = Handle(self._submit(call)[0], call, 0)
+        h.siblings = [h]
+        return h
+
+    def call2(self, shard: int, method: str, *args) -> tuple[Handle, Handle]:
+        call = (shard, method, args, 2)
+        refs = self._submit(call)
+        hs = [Handle(r, call, i) for i, r in enumerate(refs)]
+        for h in hs:
+            h.siblings = hs
+        return hs[0], hs[1]
 
     def wait(self, handles):
         import ray
 
-        ready, _ = ray.wait(list(handles), num_returns=1)
-        return ready
+        by_ref = {h.ref: h for h in handles}
+        ready, _ = ray.wait(list(by_ref), num_returns=1)
+        return [by_ref[r] for r in ready]
+
+    # ------------------------------------------------------------------ results and recovery
 
     def get(self, handle):
         import ray
 
-        return ray.get(handle)
+        if not isinstance(handle, Handle):
+            return ray.get(handle)
+        for attempt in range(self.max_restarts + 1):
+            try:
+                return ray.get(handle.ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                if attempt == self.max_restarts:
+                    raise
+                shard = handle.call[0]
+                logger.warning("shard %d lost a %s call (%s); recovering and replaying", shard, handle.call[1],
+                               type(exc).__name__)
+                self._recover(shard)
+                for h, ref in zip(handle.siblings, self._submit(handle.call)):
+                    h.ref = ref
+        raise AssertionError("unreachable")
+
+    def _recover(self, shard: int) -> None:
+        """Wait for Ray to restart the actor (it reloads its blocks), then replay its state."""
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + self.recover_timeout_s
+        while True:
+            try:
+                ray.get(self.actors[shard].ping.remote(), timeout=60)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        for method, args in self._state[shard]:
+            ray.get(getattr(self.actors[shard], method).remote(*self._refs(args)))
+        self.recoveries += 1
 
     def put(self, value):
         import ray
 
         return ray.put(value)
 
+    def peak_rss(self) -> list[int]:
+        import ray
+
+        return ray.get([a.peak_rss.remote() for a in self.actors])
+
     def close(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
         for a in self.actors:
-            ray.kill(a)
+            ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)
         if self._started:
             ray.shutdown()

@@ -95,7 +95,15 @@ def from_wire(wire: tuple[np.ndarray, str], device) -> Tensor:
 class Shard:
     """Blocks [first_block, end_block) of one model, loaded tensor by tensor."""
 
-    def __init__(self, model_dir: str | Path, spec: ShardSpec, *, dtype: str = "float32", device: str = "cpu"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        spec: ShardSpec,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        resume_dir: str | Path | None = None,
+    ):
         t0 = time.perf_counter()
         self.model_dir = resolve_model(str(model_dir))  # a name resolves on this node (hub cache, GGUF)
         self.spec = spec
@@ -122,8 +130,41 @@ class Shard:
         self.shapes = linear_shapes(self.blocks[spec.first_block], self.family)
         self._kwargs: dict[int, dict] = {}
         self.on_block = None  # in-process progress callback (kind, block index)
+        self.resume_path = (
+            Path(resume_dir) / f"shard-{spec.first_block:04d}-{spec.end_block:04d}.safetensors" if resume_dir else None
+        )
+        self.pruned = self._load_checkpoint()
         self.load_seconds = time.perf_counter() - t0
         logger.info("shard %d: blocks %d..%d loaded in %.1fs", spec.index, spec.first_block, spec.end_block - 1, self.load_seconds)
+
+    def _block_tensors(self) -> dict[str, Tensor]:
+        prefix = tuple(f"{self.family.blocks}.{b}." for b in self.spec.blocks)
+        return {n: p for n, p in self.model.named_parameters() if n.startswith(prefix)}
+
+    def _load_checkpoint(self) -> bool:
+        """Restore this shard's pruned blocks if an earlier attempt finished them (restart/rerun)."""
+        if self.resume_path is None or not self.resume_path.exists():
+            return False
+        from safetensors.torch import load_file
+
+        saved = load_file(str(self.resume_path))
+        params = self._block_tensors()
+        if set(saved) != set(params):
+            logger.warning("shard %d: ignoring %s (it holds other tensors)", self.spec.index, self.resume_path)
+            return False
+        with torch.no_grad():
+            for name, t in saved.items():
+                params[name].copy_(t.to(params[name].dtype))
+        logger.info("shard %d: restored pruned blocks from %s", self.spec.index, self.resume_path)
+        return True
+
+    def _write_checkpoint(self) -> None:
+        if self.resume_path is None:
+            return
+        self.resume_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.resume_path.with_name(self.resume_path.name + ".tmp")
+        save_file({n: p.detach().cpu().contiguous() for n, p in self._block_tensors().items()}, str(tmp))
+        os.replace(tmp, self.resume_path)
 
     def _load_tied_input_embedding(self) -> None:
         """A tied head needs the input embedding matrix on the last shard too."""
@@ -200,7 +241,12 @@ class Shard:
                     self.on_block(task.kind, b)
                 continue
             ratios = {name: to_tensor(r) for name, r in task.ratios[b].items()}
-            if task.kind == "prune":
+            if task.kind == "prune" and self.pruned:  # restored from a checkpoint: never re-prune
+                if hidden is not None:
+                    hidden = B.forward_block(block, hidden, kwargs, max_tokens)
+                run.records[b] = B.BlockResult()
+                run.records[b].sparsity, run.records[b].row_sparsity = B.block_sparsity(block, self.family)
+            elif task.kind == "prune":
                 hidden, run.records[b] = B.prune_block(block, self.family, hidden, kwargs, ratios, task.opts)
             elif task.kind == "score":
                 hidden, rec = B.score_block(
@@ -216,6 +262,9 @@ class Shard:
                 raise ValueError(f"unknown stream task {task.kind!r}")
             if self.on_block is not None:
                 self.on_block(task.kind, b)
+        if task.kind == "prune" and not self.pruned:
+            self._write_checkpoint()
+            self.pruned = True
         return (to_wire(hidden) if hidden is not None else None), run
 
     # ------------------------------------------------------------------ inspection and output

@@ -60,7 +60,7 @@ class _Reporter:
             self.progress.console.print(f"  {info['step']} λ={info['lam']:.2f}: {state}", highlight=False)
 
 
-def run_prune(spec, *, overwrite: bool = False, quiet: bool = False) -> dict:
+def run_prune(spec, *, overwrite: bool = False, quiet: bool = False, store: bool | str | Path = True) -> dict:
     """Run one prune into its out folder (resuming a finished identical run); returns run.json."""
     from orchestrator.driver import execute, open_session
     from orchestrator.runio import RUN_JSON, RunFolder, read_run, write_json_atomic
@@ -90,9 +90,10 @@ def run_prune(spec, *, overwrite: bool = False, quiet: bool = False) -> dict:
         finally:
             session.close()
     shutil.rmtree(partial, ignore_errors=True)
-    from orchestrator.store import append_run_rows
+    if store is not False:
+        from orchestrator.store import append_run_rows
 
-    append_run_rows(run)
+        append_run_rows(run, None if store is True else store)
     return run
 
 
@@ -135,11 +136,13 @@ def prune(
     data_dir: Optional[str] = typer.Option(None, help="local data folder (default: $NEUROAL_DATA_DIR, else the hub)"),
     out: Optional[str] = typer.Option(None, help="run folder (default runs/<model>-<method>-<top-up>-<s>-<pattern>)"),
     shards: int = typer.Option(1, help="number of shard actors (contiguous block ranges)"),
+    gpu_mem: Optional[str] = typer.Option(None, help="memory per actor for the shard plan, e.g. 80GB (checked)"),
     address: Optional[str] = typer.Option(None, help="Ray address (default $RAY_ADDRESS, else a local instance)"),
     executor: str = typer.Option("ray", help="ray (local instance or cluster) or local (in-process, no Ray)"),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16"),
     device: str = typer.Option("cpu", help="device of in-process shards (cpu, cuda, cuda:1)"),
     early_stop: bool = typer.Option(True, help="stop λ candidates that can no longer win (exact)"),
+    store: Optional[str] = typer.Option(None, help="results store folder (default $NEUROAL_STORE or runs/store)"),
     overwrite: bool = typer.Option(False, help="redo a finished run in --out"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -152,10 +155,10 @@ def prune(
             model=model, method=method, top_up=top_up, neuroal_step=neuroal_step, sparsity=sparsity,
             pattern=pattern, granularity=granularity, calibration=calibration, nsamples=nsamples,
             seqlen=seqlen, seed=seed, eval=eval, eval_dense=eval_dense, eval_windows=eval_windows, data_dir=data_dir, out=out,
-            shards=shards, address=address or os.environ.get("RAY_ADDRESS"), executor=executor,
+            shards=shards, gpu_mem=gpu_mem, address=address or os.environ.get("RAY_ADDRESS"), executor=executor,
             dtype=dtype, device=device, early_stop=early_stop,
         )
-        run = run_prune(spec, overwrite=overwrite)
+        run = run_prune(spec, overwrite=overwrite, store=store or True)
     except NeuroalError as exc:
         _fail(exc)
     Console().print(summary_table(run))
@@ -163,8 +166,10 @@ def prune(
 
 @app.command()
 def demo(
-    seqlen: int = typer.Option(256, help="tokens per window (papers: 2048; small here to run in minutes)"),
+    seqlen: int = typer.Option(128, help="tokens per window (papers: 2048; small here to run in minutes)"),
     nsamples: int = typer.Option(32, help="calibration windows"),
+    eval_windows: int = typer.Option(64, help="perplexity windows (the first N of WikiText-2 test)"),
+    shards: int = typer.Option(1, help="shard actors"),
     top_up: str = typer.Option("neuroal", help="allocation to demo"),
     executor: str = typer.Option("ray"),
     data_dir: Optional[str] = typer.Option(None),
@@ -179,7 +184,8 @@ def demo(
         for s in (0.5, 0.7):
             spec = build_spec(model="smollm2-135m", method="wanda", top_up=top_up, sparsity=s, seqlen=seqlen,
                               nsamples=nsamples, eval="wikitext2", eval_dense=not rows, data_dir=data_dir,
-                              out=f"{out}/wanda-{top_up}-{s:g}", executor=executor)
+                              eval_windows=eval_windows, shards=shards, out=f"{out}/wanda-{top_up}-{s:g}",
+                              executor=executor)
             rows.append(run_prune(spec))
     except NeuroalError as exc:
         _fail(exc)
@@ -202,3 +208,104 @@ def main() -> None:  # pragma: no cover
     except NeuroalError as exc:
         console.print(f"error: {exc}")
         sys.exit(2)
+
+
+@app.command()
+def grid(
+    spec: str = typer.Argument(..., help="grid YAML (see grids/smoke.yaml)"),
+    store: str = typer.Option("runs/grid-store", help="results store folder (run folders go in STORE/runs)"),
+    data_dir: Optional[str] = typer.Option(None, help="local data folder (default: $NEUROAL_DATA_DIR, else the hub)"),
+    address: Optional[str] = typer.Option(None, help="Ray address (default $RAY_ADDRESS, else a local instance)"),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray instance"),
+    check: bool = typer.Option(False, "--check", help="validate the grid and list its cells, run nothing"),
+):
+    """Run a benchmark grid: prune every cell and evaluate it, resumably, into a Parquet store."""
+    _setup_logging(False)
+    from orchestrator.grid import expand, expected_rows, load_grid, run_grid
+    from orchestrator.store import existing_keys
+
+    try:
+        g = load_grid(spec)
+        plan = expand(g, Path(store))
+        have = existing_keys(store)
+        todo = [c for c in plan.cells if not expected_rows(c) <= have]
+        console.print(f"grid {g.name}: {len(plan.cells)} cells ({len(plan.cells) - len(todo)} done), "
+                      f"{len(plan.cells) * len(plan.cells[0].evals) if plan.cells else 0} evaluations; "
+                      f"{len(plan.skipped)} combinations skipped")
+        for label, why in plan.skipped:
+            console.print(f"  skipped {label}: {why}", highlight=False)
+        if check:
+            for c in plan.cells:
+                console.print(f"  {c.key} {c.label}", highlight=False)
+            return
+        data_dir = data_dir or os.environ.get("NEUROAL_DATA_DIR")
+        from rich.live import Live
+
+        with Live(console=console, refresh_per_second=2) as live:
+            states = run_grid(g, Path(store), data_dir=data_dir, address=address or os.environ.get("RAY_ADDRESS"),
+                              num_cpus=num_cpus, on_update=lambda st: live.update(_grid_table(st)))
+    except NeuroalError as exc:
+        _fail(exc)
+    failed = [s for s in states.values() if s.status == "failed"]
+    Console().print(_grid_table(states))
+    if failed:
+        console.print(f"[red]{len(failed)} cell(s) failed[/]; their errors are rows in the store (metric 'error')")
+        raise typer.Exit(1)
+
+
+def _grid_table(states) -> Table:
+    t = Table(title="grid cells")
+    for col in ("cell", "status", "evals left", "λ block", "λ row", "error"):
+        t.add_column(col)
+    colours = {"done": "green", "failed": "red", "pruning": "yellow", "evaluating": "cyan", "queued": "white"}
+    for st in states.values():
+        run = st.run or {}
+        lb, lr = run.get("lambda_block"), run.get("lambda_row")
+        t.add_row(st.cell.label, f"[{colours.get(st.status, 'white')}]{st.status}[/]", str(st.evals_left),
+                  "" if lb is None else f"{lb:g}", "" if lr is None else f"{lr:g}", (st.error or "")[:60])
+    return t
+
+
+@app.command()
+def report(
+    store: str = typer.Argument(..., help="results store folder"),
+    out: str = typer.Option("runs/report", help="folder for tables (.md/.csv) and plots (.png)"),
+):
+    """Tables in the paper's shape and plots from a results store."""
+    _setup_logging(False)
+    from orchestrator.report import build_report
+
+    if not Path(store).is_dir():
+        _fail(NeuroalError(f"store: {store!r} is not a folder"))
+    files = build_report(store, out)
+    for kind, paths in files.items():
+        for p in paths:
+            console.print(f"{kind}: {p}", highlight=False)
+
+
+@app.command()
+def plan(
+    model: str = typer.Option("smollm2-135m", help="hub id, local folder, config.json path, or smollm2-135m"),
+    gpus: Optional[int] = typer.Option(None, help="number of actors (default: the fewest that fit)"),
+    gpu_mem: str = typer.Option("80GB", help="memory per accelerator, e.g. 80GB, 24GiB"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16, float16, float32"),
+    method: str = typer.Option("wanda"),
+    streams: int = typer.Option(2, help="streams in flight per actor"),
+    seqlen: int = typer.Option(2048),
+    json_out: Optional[str] = typer.Option(None, "--json", help="also write the plan as JSON"),
+):
+    """Plan shards for a model without loading weights: blocks, bytes and activation memory per actor."""
+    _setup_logging(False)
+    import json
+
+    from orchestrator.plan import load_plan_config, parse_bytes, plan_shards, render_plan
+
+    try:
+        cfg = load_plan_config(model)
+        p = plan_shards(cfg, n_actors=gpus, mem_per_actor=parse_bytes(gpu_mem), dtype=dtype, method=method,
+                        streams_in_flight=streams, seqlen=seqlen)
+    except NeuroalError as exc:
+        _fail(exc)
+    Console().print(render_plan(p))
+    if json_out:
+        Path(json_out).write_text(json.dumps(p.to_dict(), indent=2))

@@ -51,6 +51,20 @@ def even_shards(n_blocks: int, n_shards: int) -> list[ShardSpec]:
     ]
 
 
+def planned_shards(config, spec: PruneSpec) -> list[ShardSpec]:
+    """Contiguous shards balanced by parameter bytes (orchestrator.plan), checked against --gpu-mem."""
+    from orchestrator.plan import parse_bytes, plan_shards
+
+    n_blocks = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+    if not 1 <= spec.shards <= n_blocks:
+        raise SpecError("--shards", spec.shards, f"1..{n_blocks} (the model has {n_blocks} blocks)")
+    plan = plan_shards(config, n_actors=spec.shards, mem_per_actor=parse_bytes(spec.gpu_mem or "1PB"),
+                       dtype=spec.dtype, method=spec.method, stream_windows=spec.search_windows,
+                       seqlen=spec.seqlen)
+    n = plan.n_actors
+    return [ShardSpec(s.index, n, s.first_block, s.end_block, s.has_embeddings, s.has_head) for s in plan.shards]
+
+
 @dataclass
 class Session:
     """A model opened as a chain of shards, with what the driver needs to know about it."""
@@ -105,7 +119,7 @@ def open_session(
     config = load_config(model_dir)
     family = family_for(config)
     n_blocks = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
-    shard_specs = shard_specs or even_shards(n_blocks, spec.shards)
+    shard_specs = shard_specs or planned_shards(config, spec)
     if spec.executor == "local":
         shards = [Shard(model_dir, s, dtype=spec.dtype, device=spec.device, resume_dir=resume_dir) for s in shard_specs]
         chain = LocalChain(shards)

@@ -130,6 +130,7 @@ class Shard:
         self.shapes = linear_shapes(self.blocks[spec.first_block], self.family)
         self._kwargs: dict[int, dict] = {}
         self.on_block = None  # in-process progress callback (kind, block index)
+        self.busy_seconds = 0.0  # time spent in `run` (pipeline utilisation = busy / wall)
         self.resume_path = (
             Path(resume_dir) / f"shard-{spec.first_block:04d}-{spec.end_block:04d}.safetensors" if resume_dir else None
         )
@@ -223,6 +224,13 @@ class Shard:
     @torch.no_grad()
     def run(self, task: StreamTask, wire, partial: float = 0.0) -> tuple[tuple[np.ndarray, str] | None, ShardRun]:
         """Push one stream through this shard's blocks; returns its output and a `ShardRun`."""
+        t0 = time.perf_counter()
+        try:
+            return self._run(task, wire, partial)
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
+
+    def _run(self, task: StreamTask, wire, partial: float):
         hidden = from_wire(wire, self.device) if wire is not None else None
         seqlen = hidden.shape[1] if hidden is not None else None
         if hidden is not None and seqlen not in self._kwargs:
@@ -321,8 +329,12 @@ class Shard:
         return next(n for n, p in self.model.named_parameters(remove_duplicate=False) if p is emb)
 
     def summary(self) -> dict:
+        import resource
+
         return {"index": self.spec.index, "blocks": [self.spec.first_block, self.spec.end_block - 1],
-                "load_seconds": round(self.load_seconds, 2), "device": str(self.device)}
+                "load_seconds": round(self.load_seconds, 2), "busy_seconds": round(self.busy_seconds, 3),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "device": str(self.device)}
 
 
 def write_index(folder: Path, weight_maps: list[dict[str, str]], total_bytes: int) -> None:

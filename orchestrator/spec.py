@@ -41,6 +41,7 @@ class PruneSpec(BaseModel):
     data_dir: str | None = None
     out: str | None = None
     shards: int = 1
+    gpu_mem: str | None = None  # per-actor memory budget for the shard plan, e.g. "80GB"
     address: str | None = None
     executor: Literal["ray", "local"] = "ray"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -50,6 +50,7 @@ SCHEMA = pa.schema(
         ("versions", pa.string()),
         ("data_version", pa.string()),
         ("timestamp", pa.float64()),
+        ("note", pa.string()),  # why a row failed, or what was special about it
     ]
 )
 

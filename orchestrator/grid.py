@@ -1,0 +1,364 @@
+"""Benchmark grids: models × methods × top-ups × sparsities (× patterns × seeds), pruned and evaluated.
+
+A grid is YAML validated by `Grid` (pydantic, unknown keys rejected, names checked against the
+registries), with an optional `include:` base file like lm-eval task YAMLs. `neuroal grid SPEC
+--store DIR` runs it on Ray:
+
+- each cell is a Ray task that prunes (in its worker, or through shard actors for big models) into
+  `DIR/runs/<cell key>/`;
+- each evaluation (a perplexity dataset, a zero-shot task) is a Ray task on the pruned checkpoint;
+- cells and tasks run concurrently up to what the cluster holds (explicit resources per task);
+  transient failures are retried (`max_retries`, `retry_exceptions`), and failures are recorded;
+- every metric is a row in the Parquet store (written by the driver only); a rerun skips rows that
+  exist, so a killed grid resumes with no duplicates and no loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from neuroal.allocation import TOPUPS
+from neuroal.data import DATASETS
+from neuroal.errors import NeuroalError, SpecError
+from neuroal.methods import METHODS, parse_pattern
+from neuroal.zeroshot import TASKS as ZEROSHOT_TASKS
+from orchestrator.spec import PruneSpec, build_spec
+
+logger = logging.getLogger(__name__)
+
+GRID_VERSION = "1"
+
+
+class Tasks(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    perplexity: list[str] = Field(default_factory=lambda: ["wikitext2"])
+    zeroshot: list[str] = Field(default_factory=list)
+
+    @field_validator("perplexity")
+    @classmethod
+    def _ppl(cls, v):
+        for name in v:
+            if name not in DATASETS and "." not in name:
+                raise SpecError("tasks.perplexity", name, list(DATASETS) + ["a .txt/.jsonl/.parquet file"])
+        return v
+
+    @field_validator("zeroshot")
+    @classmethod
+    def _zs(cls, v):
+        for name in v:
+            if name not in ZEROSHOT_TASKS:
+                raise SpecError("tasks.zeroshot", name, ZEROSHOT_TASKS)
+        return v
+
+
+class Resources(BaseModel):
+    """Ray resources per task; GPUs for large models, CPUs here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cell_cpus: float = 1
+    cell_gpus: float = 0
+    eval_cpus: float = 1
+    eval_gpus: float = 0
+    max_retries: int = 2
+
+
+class Grid(BaseModel):
+    """A benchmark grid (see grids/smoke.yaml for a commented example)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "grid"
+    version: str = GRID_VERSION
+    models: list[str]
+    methods: list[str] = Field(default_factory=lambda: ["wanda"])
+    top_ups: list[str] = Field(default_factory=lambda: ["uniform"])
+    sparsities: list[float] = Field(default_factory=lambda: [0.5])
+    patterns: list[str] = Field(default_factory=lambda: ["unstructured"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    calibration: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    tasks: Tasks = Field(default_factory=Tasks)
+    eval_windows: int | None = None
+    zeroshot_limit: int | None = None
+    prune: dict[str, Any] = Field(default_factory=dict)  # any other PruneSpec field, for every cell
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v):
+        return [METHODS.canonical(m) for m in v]
+
+    @field_validator("top_ups")
+    @classmethod
+    def _top_ups(cls, v):
+        return [TOPUPS.canonical(t) for t in v]
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v):
+        return ["unstructured" if parse_pattern(p) is None else str(parse_pattern(p)) for p in v]
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsities(cls, v):
+        for s in v:
+            if not 0 < s < 1:
+                raise SpecError("sparsities", s, "fractions strictly between 0 and 1")
+        return v
+
+    @field_validator("prune")
+    @classmethod
+    def _prune(cls, v):
+        reserved = {"model", "method", "top_up", "sparsity", "pattern", "seed", "calibration", "nsamples", "seqlen",
+                    "eval", "out", "eval_windows"}
+        for key in v:
+            if key in reserved:
+                raise SpecError(f"prune.{key}", v[key], "set it at the top level of the grid")
+            if key not in PruneSpec.model_fields:
+                raise SpecError("prune", key, sorted(set(PruneSpec.model_fields) - reserved))
+        return v
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and validate a grid YAML (following `include:` bases); one-line SpecError on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError("grid", str(path), "a readable YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError("grid", str(path), f"valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SpecError("grid", str(path), "a YAML mapping of grid keys")
+    if "include" in raw:
+        base = load_grid(path.parent / raw.pop("include")).model_dump(exclude_unset=True)
+        raw = _deep_merge(base, raw)
+    try:
+        return Grid(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        inner = err.get("ctx", {}).get("error")
+        if isinstance(inner, SpecError):
+            raise inner from None
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            allowed = Grid.model_fields if len(err["loc"]) == 1 else (Tasks.model_fields if err["loc"][0] == "tasks" else Resources.model_fields)
+            raise SpecError(f"grid key {loc!r}", "unknown", sorted(allowed)) from None
+        if err["type"] == "missing":
+            raise SpecError(f"grid key {loc!r}", "missing", "required") from None
+        raise SpecError(f"grid key {loc!r}", err.get("input"), err["msg"]) from None
+
+
+@dataclass
+class Cell:
+    spec: PruneSpec
+    key: str
+    evals: list[tuple[str, str]]  # ("perplexity", dataset) | ("zeroshot", task)
+    label: str = ""
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (label, reason)
+
+
+def expand(grid: Grid, store: Path) -> Plan:
+    """Every valid cell of the grid; combinations a prune would reject are skipped with the reason."""
+    plan = Plan(cells=[])
+    seen = set()
+    evals = [("perplexity", d) for d in grid.tasks.perplexity] + [("zeroshot", t) for t in grid.tasks.zeroshot]
+    for model, method, top_up, sparsity, pattern, seed in itertools.product(
+        grid.models, grid.methods, grid.top_ups, grid.sparsities, grid.patterns, grid.seeds
+    ):
+        p = parse_pattern(pattern)
+        if p is not None:
+            sparsity = p.sparsity  # N:M fixes the sparsity: one cell per pattern
+        label = f"{model.split('/')[-1]} {method} {top_up} {sparsity:g} {pattern} s{seed}"
+        extra = {"executor": "local", **grid.prune}  # a cell prunes inside its Ray task unless told otherwise
+        try:
+            spec = build_spec(model=model, method=method, top_up=top_up, sparsity=sparsity, pattern=pattern, seed=seed,
+                              calibration=grid.calibration, nsamples=grid.nsamples, seqlen=grid.seqlen,
+                              eval_windows=grid.eval_windows, **extra)
+        except SpecError as exc:
+            plan.skipped.append((label, str(exc)))
+            continue
+        key = spec.cell_key()
+        if key in seen:
+            continue
+        seen.add(key)
+        spec = spec.model_copy(update={"out": str(store / "runs" / key)})
+        plan.cells.append(Cell(spec, key, evals, label))
+    return plan
+
+
+def expected_rows(cell: Cell) -> set[tuple[str, str, str]]:
+    """The (cell_key, task, metric) rows a finished cell has (zero-shot: at least `acc`)."""
+    rows = {(cell.key, "prune", "sparsity_actual")}
+    for kind, name in cell.evals:
+        rows.add((cell.key, name, "perplexity" if kind == "perplexity" else "acc"))
+    return rows
+
+
+# ---------------------------------------------------------------- work done inside Ray tasks
+
+
+class TransientError(NeuroalError):
+    """A failure worth retrying (out of memory, a lost node): Ray retries tasks that raise it."""
+
+
+def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
+    """Ray task: prune one cell into its run folder (resumes a finished identical run)."""
+    from orchestrator.cli import run_prune
+
+    spec = PruneSpec(**spec_json)
+    if data_dir:
+        spec = spec.model_copy(update={"data_dir": data_dir})
+    try:
+        return run_prune(spec, quiet=True, store=False)
+    except MemoryError as exc:
+        raise TransientError(f"out of memory pruning {spec.out}") from exc
+
+
+def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | None, eval_windows: int | None,
+              zeroshot_limit: int | None) -> list[dict]:
+    """Ray task: one evaluation of a pruned checkpoint; returns metric dicts."""
+    from neuroal.data import resolve_data_dir
+
+    data = resolve_data_dir(data_dir)
+    if kind == "perplexity":
+        from orchestrator.driver import open_session, perplexity
+
+        spec = build_spec(model=run_dir, executor="local")
+        session = open_session(spec)
+        try:
+            value, info = perplexity(session, name, seqlen, data, max_windows=eval_windows)
+        finally:
+            session.close()
+        return [{"task": name, "metric": "perplexity", "value": value, "stderr": None, "info": info}]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from neuroal.zeroshot import evaluate_zeroshot
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir)
+    tok = AutoTokenizer.from_pretrained(run_dir)
+    results = evaluate_zeroshot(model, tok, [name], data_dir=data, limit=zeroshot_limit)
+    return [{"task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "n_docs": r.n_docs}
+            for r in results]
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass
+class CellState:
+    cell: Cell
+    status: str = "queued"  # queued | pruning | evaluating | done | failed | skipped
+    evals_left: int = 0
+    error: str | None = None
+    run: dict | None = None
+
+
+def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: str | None = None,
+             num_cpus: int | None = None, on_update=None) -> dict[str, CellState]:
+    """Run every missing cell and evaluation of `grid` on Ray; returns the final state per cell."""
+    import ray
+
+    from orchestrator.store import append_rows, existing_keys, run_rows
+
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    plan = expand(grid, store)
+    have = existing_keys(store)
+    states = {c.key: CellState(c) for c in plan.cells}
+    on_update = on_update or (lambda states: None)
+
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            started = True
+    res = grid.resources
+    retry = dict(max_retries=res.max_retries, retry_exceptions=[TransientError])
+    prune_remote = ray.remote(prune_cell).options(num_cpus=res.cell_cpus, num_gpus=res.cell_gpus, **retry)
+    eval_remote = ray.remote(eval_cell).options(num_cpus=res.eval_cpus, num_gpus=res.eval_gpus, **retry)
+
+    pending: dict[Any, tuple[str, str, tuple | None]] = {}  # ref -> (cell key, kind, eval)
+    for key, st in states.items():
+        if expected_rows(st.cell) <= have:
+            st.status = "done"
+            continue
+        st.status = "pruning"
+        pending[prune_remote.remote(st.cell.spec.model_dump(mode="json"), data_dir)] = (key, "prune", None)
+    on_update(states)
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            key, kind, ev = pending.pop(ref)
+            st = states[key]
+            try:
+                out = ray.get(ref)
+            except Exception as exc:  # recorded, never silently dropped
+                cause = getattr(exc, "cause", None) or exc
+                st.status, st.error = "failed", f"{kind} {ev or ''}: {type(cause).__name__}: {cause}".strip()
+                logger.error("cell %s failed: %s", st.cell.label, st.error)
+                append_rows(store, [_failure_row(st, kind, ev)])
+                on_update(states)
+                continue
+            if kind == "prune":
+                st.run = out
+                append_rows(store, [r for r in run_rows(out) if r["task"] == "prune"])
+                todo = [e for e in st.cell.evals
+                        if (key, e[1], "perplexity" if e[0] == "perplexity" else "acc") not in have]
+                st.evals_left = len(todo)
+                st.status = "evaluating" if todo else "done"
+                for e in todo:
+                    r = eval_remote.remote(st.cell.spec.out, e[0], e[1], grid.seqlen, data_dir, grid.eval_windows,
+                                           grid.zeroshot_limit)
+                    pending[r] = (key, "eval", e)
+            else:
+                rows = [dict(base, **m) for base in [_base_row(st)] for m in out]
+                append_rows(store, [{k: v for k, v in r.items() if k not in ("info", "n_docs")} for r in rows])
+                st.evals_left -= 1
+                if st.evals_left == 0 and st.status != "failed":
+                    st.status = "done"
+            on_update(states)
+    finally:
+        if started:
+            ray.shutdown()
+    return states
+
+
+def _base_row(st: CellState) -> dict:
+    from orchestrator.store import run_rows
+
+    return {k: v for k, v in run_rows(st.run)[0].items() if k not in ("task", "metric", "value", "stderr")}
+
+
+def _failure_row(st: CellState, kind: str, ev) -> dict:
+    spec = st.cell.spec
+    return {"run_id": "failed", "cell_key": st.cell.key, "model": spec.model, "method": spec.method,
+            "top_up": spec.top_up, "sparsity": spec.effective_sparsity, "pattern": spec.pattern, "seed": spec.seed,
+            "calibration": spec.calibration, "seqlen": spec.seqlen, "task": f"failed:{kind}:{ev[1] if ev else ''}",
+            "metric": "error", "value": None, "stderr": None, "timestamp": time.time(), "note": st.error}

@@ -1,0 +1,85 @@
+"""The real SmolLM2-135M on real text (CI runs these; sizes chosen to fit its time budget).
+
+Perplexities use WikiText-2 test at seqlen 256 over the first 32 windows (8,192 tokens), so they
+are quick estimates, printed for the record; the protocol's full numbers are in the benchmarks.
+"""
+
+import json
+
+import pytest
+import torch
+
+from orchestrator.driver import execute, open_session
+from orchestrator.spec import build_spec
+
+pytestmark = pytest.mark.slow
+
+SEQLEN, NSAMPLES, WINDOWS = 256, 32, 32
+
+
+def _run(tmp_path, shared_data, **kw):
+    base = dict(model="smollm2-135m", seqlen=SEQLEN, nsamples=NSAMPLES, executor="local", eval="wikitext2",
+                eval_windows=WINDOWS, data_dir=str(shared_data), out=str(tmp_path))
+    base.update(kw)
+    spec = build_spec(**base)
+    return execute(spec, tmp_path / kw.get("method", "x"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_50(shared_data, tmp_path_factory):
+    runs = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        runs[method] = _run(tmp_path_factory.mktemp(method), shared_data, method=method, sparsity=0.5,
+                            eval_dense=method == "magnitude")
+    return runs
+
+
+def test_wanda_and_sparsegpt_beat_magnitude_at_50(smollm2_50):
+    ppl = {m: r["perplexity"]["wikitext2"] for m, r in smollm2_50.items()}
+    dense = smollm2_50["magnitude"]["perplexity_dense"]["wikitext2"]
+    print("\nSmolLM2-135M wikitext2 ppl (seqlen 256, 32 windows):", json.dumps({"dense": dense, **ppl}))
+    for r in smollm2_50.values():
+        assert r["sparsity_actual"] == pytest.approx(0.5, abs=0.005)
+    assert dense < ppl["sparsegpt"] < ppl["magnitude"]
+    assert dense < ppl["wanda"] < ppl["magnitude"]
+
+
+def test_neuroal_search_on_the_real_model(shared_data, tmp_path):
+    run = _run(tmp_path, shared_data, method="wanda", top_up="neuroal", sparsity=0.7, seqlen=64, nsamples=8,
+               eval_windows=16)
+    print("\nNeuroAL on SmolLM2 (seqlen 64):", run["lambda_block"], run["lambda_row"], run["perplexity"],
+          run["timings_s"])
+    assert run["lambda_block"] in [p["lambda"] for p in run["lambda_curves"]["block"]]
+    assert run["lambda_row"] is not None
+    # SmolLM2 uses grouped-query attention: q, k, v keep their block ratio in the row step
+    assert any("self_attn.k_proj keeps its block ratio" in n for n in run["notes"])
+    assert run["sparsity_actual"] == pytest.approx(0.7, abs=0.01)
+    planned = run["block_sparsity_planned"]
+    assert planned[0] < 0.7 < planned[-1]  # sparsity rises with depth
+
+
+@pytest.mark.ray
+def test_two_ray_shards_equal_one_process_on_smollm2(shared_data, tmp_path):
+    import ray
+
+    def masks(executor, shards):
+        spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=32,
+                          nsamples=8, executor=executor, shards=shards, data_dir=str(shared_data), out=str(tmp_path))
+        session = open_session(spec)
+        try:
+            run = execute(spec, tmp_path / f"{executor}{shards}", session=session)
+            w = {}
+            for i in range(session.chain.n_shards):
+                w.update(session.chain.get(session.chain.call(i, "block_weights")))
+        finally:
+            session.close()
+        return run, w
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        run_r, w_r = masks("ray", 2)
+    finally:
+        ray.shutdown()
+    run_l, w_l = masks("local", 1)
+    assert (run_r["lambda_block"], run_r["lambda_row"]) == (run_l["lambda_block"], run_l["lambda_row"])
+    assert all(torch.equal(w_r[b][n], w_l[b][n]) for b in w_l for n in w_l[b])

@@ -27,7 +27,15 @@ from neuroal.methods import METHODS, Method, Pattern, prune_linear
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 32768
+# Tokens per block call. On CPUs small micro-batches win: a block's intermediates for ~2k tokens stay
+# in cache (measured on SmolLM2: 64 windows x 512 run 1.39x faster in 2k-token calls than in 32k);
+# on GPUs large batches fill the device.
+DEFAULT_MAX_TOKENS = None
+MAX_TOKENS = {"cpu": 2048, "cuda": 32768}
+
+
+def max_tokens_for(device: torch.device, max_tokens: int | None) -> int:
+    return max_tokens or MAX_TOKENS.get(device.type, 32768)
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class PruneOptions:
     blocksize: int = 128
     percdamp: float = 0.01
     dsnot: DSnoTOptions | None = None
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
 
     @property
     def base(self) -> Method:
@@ -76,17 +84,18 @@ class BlockResult:
     outlier_ratio: float | None = None  # OWL's D for this block (dense pass)
 
 
-def _micro_batches(n: int, seqlen: int, max_tokens: int):
-    step = max(1, max_tokens // max(seqlen, 1))
+def _micro_batches(hidden: Tensor, max_tokens: int | None):
+    n, seqlen = hidden.shape[0], hidden.shape[1]
+    step = max(1, max_tokens_for(hidden.device, max_tokens) // max(seqlen, 1))
     for i in range(0, n, step):
         yield slice(i, min(i + step, n))
 
 
 @torch.no_grad()
-def forward_block(block: nn.Module, hidden: Tensor, kwargs: dict, max_tokens: int = DEFAULT_MAX_TOKENS) -> Tensor:
+def forward_block(block: nn.Module, hidden: Tensor, kwargs: dict, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> Tensor:
     """block(hidden) for [n, seqlen, d] hidden states, in micro-batches."""
     out = torch.empty_like(hidden)
-    for sl in _micro_batches(hidden.shape[0], hidden.shape[1], max_tokens):
+    for sl in _micro_batches(hidden, max_tokens):
         out[sl] = call_block(block, hidden[sl], kwargs)
     return out
 
@@ -94,7 +103,7 @@ def forward_block(block: nn.Module, hidden: Tensor, kwargs: dict, max_tokens: in
 @torch.no_grad()
 def _collect(
     block: nn.Module,
-    linears: dict[str, nn.Module],
+    family: Family,
     hidden: Tensor,
     kwargs: dict,
     kinds: frozenset,
@@ -102,10 +111,11 @@ def _collect(
     want_output: bool,
 ) -> tuple[dict[str, S.LinearStats], Tensor | None]:
     """Run the block over all windows collecting input sums; skip the tail if no output is needed."""
+    linears = block_linears(block, family)
     stop_after = None if want_output else next(reversed(linears))
     out = torch.empty_like(hidden) if want_output else None
-    with S.collect(linears, kinds, stop_after=stop_after) as stats:
-        for sl in _micro_batches(hidden.shape[0], hidden.shape[1], max_tokens):
+    with S.collect(linears, kinds, stop_after=stop_after, input_from=derived_inputs(block, linears, family)) as stats:
+        for sl in _micro_batches(hidden, max_tokens):
             try:
                 y = call_block(block, hidden[sl], kwargs)
             except S.StopForward:
@@ -113,6 +123,16 @@ def _collect(
             if out is not None:
                 out[sl] = y
     return stats, out
+
+
+def derived_inputs(block: nn.Module, linears: dict[str, nn.Module], family: Family) -> dict:
+    """Resolve the family's `input_from` widths (config attribute names) on this block."""
+    out = {}
+    for name, (src, start, width) in family.input_from:
+        if isinstance(width, str):
+            width = getattr(block.get_submodule(src.rsplit(".", 1)[0]), width)
+        out[name] = (src, start, int(width))
+    return out
 
 
 def _apply(
@@ -169,7 +189,7 @@ def dense_block(
     kwargs: dict,
     *,
     owl_m: float | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> tuple[Tensor, BlockResult]:
     """Dense output, and OWL's outlier ratio of the block's Wanda scores when `owl_m` is set.
 
@@ -178,7 +198,7 @@ def dense_block(
     """
     linears = block_linears(block, family)
     kinds = frozenset({S.NORMS}) if owl_m is not None else frozenset()
-    st, out = _collect(block, linears, hidden, kwargs, kinds, max_tokens, want_output=True)
+    st, out = _collect(block, family, hidden, kwargs, kinds, max_tokens, want_output=True)
     result = BlockResult()
     if owl_m is not None:
         scores = torch.cat([METHODS.get("wanda").score(lin.weight.data, st[n]).flatten() for n, lin in linears.items()])
@@ -205,7 +225,7 @@ def prune_block(
     kinds = opts.needs
     st = {}
     if kinds:
-        st, _ = _collect(block, linears, hidden, kwargs, kinds, opts.max_tokens, want_output=False)
+        st, _ = _collect(block, family, hidden, kwargs, kinds, opts.max_tokens, want_output=False)
     _apply(linears, st, ratios, opts, family)
     del st
     result = BlockResult()
@@ -239,11 +259,11 @@ def score_block(
     """
     linears = block_linears(block, family)
     kinds = opts.needs | {S.NORMS}
-    dense, _ = _collect(block, linears, hidden, kwargs, kinds, opts.max_tokens, want_output=False)
+    dense, _ = _collect(block, family, hidden, kwargs, kinds, opts.max_tokens, want_output=False)
     saved = {name: lin.weight.data.clone() for name, lin in linears.items()}
     try:
         _apply(linears, dense, ratios, opts, family)
-        sparse, out = _collect(block, linears, hidden, kwargs, frozenset({S.NORMS}), opts.max_tokens, want_output=True)
+        sparse, out = _collect(block, family, hidden, kwargs, frozenset({S.NORMS}), opts.max_tokens, want_output=True)
     finally:
         for name, lin in linears.items():
             lin.weight.data.copy_(saved[name])

@@ -44,6 +44,9 @@ class Family:
     linears: tuple[str, ...]
     row_map: tuple[tuple[str, tuple[str, ...]], ...] = ()
     mlp: tuple[str, ...] = field(default=())
+    # linears the block uses through `.weight` instead of calling them: their input is read from
+    # another linear's output, (source linear, first column, number of columns)
+    input_from: tuple[tuple[str, tuple[str, int, str]], ...] = ()
 
     @property
     def has_row_step(self) -> bool:
@@ -143,6 +146,17 @@ FAMILIES: tuple[Family, ...] = (
         head=("backbone.norm_f", "lm_head"),
         linears=("mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj"),
         # no producer/consumer map for the selective-scan mixer: NeuroAL runs its block step only
+        row_map=(),
+        mlp=(),
+        # MambaMixer computes `dt_proj.weight @ time_step`, time_step = x_proj(x)[..., :time_step_rank]
+        input_from=(("mixer.dt_proj", ("mixer.x_proj", 0, "time_step_rank")),),
+    ),
+    Family(
+        name="mamba2",
+        model_types=("mamba2",),
+        blocks="backbone.layers",
+        head=("backbone.norm_f", "lm_head"),
+        linears=("mixer.in_proj", "mixer.out_proj"),
         row_map=(),
         mlp=(),
     ),

@@ -81,7 +81,13 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def collect(linears: dict[str, nn.Module], kinds: frozenset, *, stop_after: str | None = None):
+def collect(
+    linears: dict[str, nn.Module],
+    kinds: frozenset,
+    *,
+    stop_after: str | None = None,
+    input_from: dict[str, tuple[str, int, int]] | None = None,
+):
     """Accumulate `LinearStats` for each linear while the context is open.
 
     Args:
@@ -89,6 +95,9 @@ def collect(linears: dict[str, nn.Module], kinds: frozenset, *, stop_after: str 
         kinds: which sums to keep (NORMS, MOMENTS, HESSIAN).
         stop_after: if set, the hook on this linear raises StopForward after recording, so a
             forward whose output is not needed stops before computing it.
+        input_from: linear -> (source linear, first column, width) for linears the block uses
+            through their weight without calling them: their input is that slice of the source's
+            output (recorded by a forward hook on the source).
 
     Yields:
         dict name -> LinearStats, filled as forwards run.
@@ -104,8 +113,20 @@ def collect(linears: dict[str, nn.Module], kinds: frozenset, *, stop_after: str 
 
         return hook
 
+    derived = input_from or {}
+
+    def make_derived(name, start, width):
+        def hook(_module, _args, output):
+            stats[name].add(output.detach()[..., start : start + width])
+
+        return hook
+
     for name, module in linears.items():
-        handles.append(module.register_forward_pre_hook(make(name)))
+        if name in derived:
+            src, start, width = derived[name]
+            handles.append(linears[src].register_forward_hook(make_derived(name, start, width)))
+        else:
+            handles.append(module.register_forward_pre_hook(make(name)))
     try:
         yield stats
     finally:

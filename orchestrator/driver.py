@@ -58,7 +58,7 @@ def planned_shards(config, spec: PruneSpec) -> list[ShardSpec]:
     n_blocks = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
     if not 1 <= spec.shards <= n_blocks:
         raise SpecError("--shards", spec.shards, f"1..{n_blocks} (the model has {n_blocks} blocks)")
-    plan = plan_shards(config, n_actors=spec.shards, mem_per_actor=parse_bytes(spec.gpu_mem or "1PB"),
+    plan = plan_shards(config, n_actors=spec.shards, mem_per_actor=parse_bytes(spec.gpu_mem) if spec.gpu_mem else 2**60,
                        dtype=spec.dtype, method=spec.method, stream_windows=spec.search_windows,
                        seqlen=spec.seqlen)
     n = plan.n_actors

@@ -301,9 +301,10 @@ class ActivationEstimate:
 
 
 def _default_micro_tokens() -> int:
-    from neuroal.block import DEFAULT_MAX_TOKENS
+    """Tokens per block call on an accelerator (plans are for GPU actors)."""
+    from neuroal.block import MAX_TOKENS
 
-    return DEFAULT_MAX_TOKENS
+    return MAX_TOKENS["cuda"]
 
 
 def _needs_hessian(method: str) -> bool:

@@ -56,7 +56,7 @@ class PruneSpec(BaseModel):
     dsnot_threshold: float = 0.1
     search_windows: int = 8
     early_stop: bool = True
-    max_tokens: int = 32768
+    max_tokens: int | None = None  # tokens per block call (default: 2048 on CPU, 32768 on GPU)
 
     @field_validator("method")
     @classmethod
@@ -83,8 +83,8 @@ class PruneSpec(BaseModel):
 
     @field_validator("nsamples", "seqlen", "shards", "search_windows", "blocksize", "max_tokens")
     @classmethod
-    def _positive(cls, v: int, info) -> int:
-        if v < 1:
+    def _positive(cls, v: int | None, info) -> int | None:
+        if v is not None and v < 1:
             raise SpecError("--" + info.field_name.replace("_", "-"), v, "a positive integer")
         return v
 

@@ -28,6 +28,10 @@ TINY = {
                 word_embed_proj_dim=32, max_position_embeddings=128),
     "phi": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37),
     "gpt_neox": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37),
+    "mamba": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=4, expand=2, conv_kernel=4,
+                  time_step_rank=8),
+    "mamba2": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=8, expand=2, conv_kernel=4,
+                   num_heads=8, head_dim=8, n_groups=1, chunk_size=16),
 }
 
 

@@ -50,7 +50,7 @@ def test_hook_sums_equal_a_per_window_loop(llama):
     block, family, inputs = _fresh_block(llama)
     linears = block_linears(block, family)
     kinds = frozenset({S.NORMS, S.MOMENTS, S.HESSIAN})
-    batched, _ = B._collect(block, linears, inputs.hidden, inputs.kwargs, kinds, 10**6, want_output=True)
+    batched, _ = B._collect(block, family, inputs.hidden, inputs.kwargs, kinds, 10**6, want_output=True)
     looped = {n: S.LinearStats(kinds=kinds) for n in linears}
     with S.collect(linears, kinds) as st:
         for i in range(inputs.hidden.shape[0]):

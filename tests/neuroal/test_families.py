@@ -10,13 +10,14 @@ from neuroal.families import (
 )
 from neuroal.models import build_skeleton, load_config, load_full, materialize
 
-FAMILY_NAMES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox"]
+FAMILY_NAMES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2"]
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_blockwise_forward_equals_the_model(name, tiny_dirs):
     model, family = load_full(tiny_dirs[name])
-    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], attn_implementation="sdpa")
+    attn = {} if name.startswith("mamba") else {"attn_implementation": "sdpa"}
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], **attn)
     ids = torch.randint(0, 1000, (3, 16))
     with torch.no_grad():
         expect = ref(ids).logits
@@ -45,3 +46,23 @@ def test_partial_load_reads_only_the_requested_tensors(tiny_dirs):
     assert blocks[1].mlp.up_proj.weight.device.type == "cpu"
     assert blocks[0].mlp.up_proj.weight.device.type == "meta"
     assert model.model.embed_tokens.weight.device.type == "meta"
+
+
+def test_mamba_dt_proj_statistics_come_from_x_proj(tiny_dirs):
+    """MambaMixer uses dt_proj.weight directly: its input is the first time_step_rank columns of x_proj."""
+    from neuroal import block as B
+    from neuroal import stats as S
+
+    model, family = load_full(tiny_dirs["mamba"])
+    ids = torch.randint(0, 1000, (2, 12))
+    inputs = capture_block_inputs(model, family, ids)
+    block = get_blocks(model, family)[0]
+    st, _ = B._collect(block, family, inputs.hidden, inputs.kwargs, frozenset({S.NORMS}), 10**6, want_output=False)
+    seen = {}
+    h = block.mixer.x_proj.register_forward_hook(lambda m, a, o: seen.setdefault("x", o.detach()))
+    with torch.no_grad():
+        call_block(block, inputs.hidden, inputs.kwargs)
+    h.remove()
+    rank = block.mixer.time_step_rank
+    expect = seen["x"][..., :rank].square().sum((0, 1)) / 2
+    assert torch.allclose(st["mixer.dt_proj"].scaler_row, expect, rtol=1e-5)

@@ -11,7 +11,7 @@ from orchestrator.cli import run_prune
 from orchestrator.spec import build_spec
 from orchestrator.store import read_store
 
-FAMILIES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox"]
+FAMILIES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2"]
 
 
 def _spec(tmp_path, model, shared_data, **kw):
@@ -90,3 +90,14 @@ def test_nm_patterns(pattern, top_up, tiny_dirs, shared_data, tmp_path, monkeypa
     spec = _spec(tmp_path, tiny_dirs["llama"], shared_data, method="wanda", top_up=top_up, pattern=pattern, eval="")
     run = run_prune(spec, quiet=True)
     assert run["sparsity_actual"] == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "apt"])
+def test_mamba_runs_every_solver_and_the_neuroal_block_step(method, tiny_dirs, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
+    spec = _spec(tmp_path, tiny_dirs["mamba"], shared_data, method=method, top_up="neuroal", sparsity=0.6, eval="",
+                 nsamples=8)
+    run = run_prune(spec, quiet=True)
+    assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.03)
+    assert run["lambda_block"] is not None and run["lambda_row"] is None
+    assert any("block step only" in n for n in run["notes"])

@@ -1,0 +1,65 @@
+"""`ray job submit` against a local head on 127.0.0.1 (token authentication on) runs a tiny prune."""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_a_prune(tmp_path, tiny_dirs, shared_data):
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
+    gcs, dash = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if subprocess.run([ray_bin, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(2)
+        out = tmp_path / "run"
+        job = subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+             "neuroal", "prune", "--model", str(tiny_dirs["llama"]), "--method", "wanda", "--top-up", "neuroal",
+             "--sparsity", "0.6", "--seqlen", "32", "--nsamples", "8", "--data-dir", str(shared_data),
+             "--out", str(out), "--store", str(tmp_path / "store")],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        run = json.loads((out / "run.json").read_text())
+        assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.03) and run["lambda_block"] is not None
+        # without the token the dashboard refuses the client
+        bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        bare["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+        denied = subprocess.run([ray_bin, "job", "list", "--address", address], env=bare, capture_output=True, text=True)
+        assert denied.returncode != 0 and "auth" in (denied.stdout + denied.stderr).lower()
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)

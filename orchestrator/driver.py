@@ -167,12 +167,7 @@ def _shard_task(session: Session, kind: str, ratios=None, **kw):
 
 def stream(session: Session, hidden, task_for) -> list:
     """One stream through all shards (tasks may differ per shard); returns ShardRuns."""
-    runs = []
-    chain = session.chain
-    for i in range(chain.n_shards):
-        hidden, run = chain.call2(i, "run", task_for(i), hidden, 0.0)
-        runs.append(run)
-    return [chain.get(r) for r in runs]
+    return run_stream(session.chain, task_for, hidden)[1]
 
 
 @dataclass

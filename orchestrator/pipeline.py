@@ -35,8 +35,6 @@ class Chain(Protocol):
 
     def get(self, handle: Any) -> Any: ...
 
-    def put(self, value: Any) -> Any: ...
-
 
 @dataclass
 class Done:
@@ -69,18 +67,17 @@ class LocalChain:
     def get(self, handle):
         return handle.value if isinstance(handle, Done) else handle
 
-    def put(self, value):
-        return Done(value)
-
-    def broadcast(self, method: str, *args) -> list:
-        return [self.get(self.call(i, method, *args)) for i in range(self.n_shards)]
 
 
 def run_stream(chain, task, hidden) -> tuple[Any, list]:
-    """One stream through every shard in order; returns (output handle, records per shard)."""
+    """One stream through every shard in order; returns (output handle, records per shard).
+
+    `task` is one task for every shard, or a function shard index -> task.
+    """
+    task_for = task if callable(task) else (lambda _shard: task)
     records = []
     for i in range(chain.n_shards):
-        hidden, rec = chain.call2(i, "run", task, hidden, 0.0)
+        hidden, rec = chain.call2(i, "run", task_for(i), hidden, 0.0)
         records.append(rec)
     return hidden, [chain.get(r) for r in records]
 

@@ -207,11 +207,6 @@ class RayChain:
             ray.get(getattr(self.actors[shard], method).remote(*self._refs(args)))
         self.recoveries += 1
 
-    def put(self, value):
-        import ray
-
-        return ray.put(value)
-
     def peak_rss(self) -> list[int]:
         import ray
 

@@ -286,6 +286,15 @@ class Shard:
             for b in self.spec.blocks
         }
 
+    def loaded_bytes(self) -> int:
+        """Bytes of the tensors this shard holds (its blocks, plus embeddings/head at the ends)."""
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.device.type != "meta" and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
     def get_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self.shapes)
 

@@ -83,3 +83,43 @@ def test_two_ray_shards_equal_one_process_on_smollm2(shared_data, tmp_path):
     run_l, w_l = masks("local", 1)
     assert (run_r["lambda_block"], run_r["lambda_row"]) == (run_l["lambda_block"], run_l["lambda_row"])
     assert all(torch.equal(w_r[b][n], w_l[b][n]) for b in w_l for n in w_l[b])
+
+
+MEMORY_MARGIN = 256 * 2**20  # allocator arenas, torch/transformers caches, Ray worker state
+
+
+@pytest.mark.ray
+def test_actor_memory_stays_within_its_shard(shared_data, tmp_path):
+    """Peak RSS of each of 3 actors minus a bare worker's stays under shard bytes + streams + margin."""
+    import ray
+
+    def baseline_worker():
+        import resource
+
+        from neuroal.models import build_skeleton, load_config, resolve_model
+
+        build_skeleton(load_config(resolve_model("smollm2-135m")))  # imports and an empty skeleton
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        base = ray.get(ray.remote(baseline_worker).remote())
+        spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=64, nsamples=8,
+                          executor="ray", shards=3, data_dir=str(shared_data), out=str(tmp_path))
+        session = open_session(spec)
+        try:
+            execute(spec, tmp_path / "run", session=session)
+            chain = session.chain
+            held = [chain.get(chain.call(i, "loaded_bytes")) for i in range(3)]
+            peaks = chain.peak_rss()
+        finally:
+            session.close()
+    finally:
+        ray.shutdown()
+    streams = 4 * 8 * 64 * 576 * 4  # hidden states in and out for the search and the prune, fp32
+    whole = 134_515_008 * 4
+    report = [(round(p / 2**20), round(h / 2**20), round((p - base) / 2**20)) for p, h in zip(peaks, held)]
+    print(f"\nbare worker {base / 2**20:.0f} MB; per actor (peak MB, shard MB, peak - bare MB): {report}")
+    for peak, h in zip(peaks, held):
+        assert peak - base <= h + streams + MEMORY_MARGIN
+        assert h < whole * 0.6  # no actor holds the whole model

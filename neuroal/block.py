@@ -237,7 +237,17 @@ def prune_block(
 def alignment_metric(a_dense: Tensor, a_sparse: Tensor) -> float:
     """NeuroAL's per-linear metric: ‖a^d/Σa^d − a^s/Σa^s‖₂ / len(a) (reference `get_neuroal_block`)."""
     diff = a_dense / a_dense.sum() - a_sparse / a_sparse.sum()
-    return torch.linalg.vector_norm(diff).item() / a_dense.numel()
+    return torch.norm(diff, p=2).item() / a_dense.numel()
+
+
+def metric_kind(method: Method) -> str:
+    """Which input norms the NeuroAL metric reads: the reference's search with SparseGPT takes them
+    from its SparseGPT wrapper (`HESSIAN_NORMS`, see neuroal.stats), every other method from Wanda's."""
+    return S.HESSIAN_NORMS if method.solver is not None else S.NORMS
+
+
+def _metric_norms(st: S.LinearStats, kind: str) -> Tensor:
+    return st.hessian_norms if kind == S.HESSIAN_NORMS else st.norms
 
 
 @torch.no_grad()
@@ -258,18 +268,18 @@ def score_block(
     restore the dense weights: the block is left exactly as it was.
     """
     linears = block_linears(block, family)
-    kinds = opts.needs | {S.NORMS}
-    dense, _ = _collect(block, family, hidden, kwargs, kinds, opts.max_tokens, want_output=False)
+    kind = metric_kind(opts.base)
+    dense, _ = _collect(block, family, hidden, kwargs, opts.needs | {kind}, opts.max_tokens, want_output=False)
     saved = {name: lin.weight.data.clone() for name, lin in linears.items()}
     try:
         _apply(linears, dense, ratios, opts, family)
-        sparse, out = _collect(block, family, hidden, kwargs, frozenset({S.NORMS}), opts.max_tokens, want_output=True)
+        sparse, out = _collect(block, family, hidden, kwargs, frozenset({kind}), opts.max_tokens, want_output=True)
     finally:
         for name, lin in linears.items():
             lin.weight.data.copy_(saved[name])
     result = BlockResult()
     for name in linears:
-        a_d, a_s = dense[name].norms, sparse[name].norms
+        a_d, a_s = _metric_norms(dense[name], kind), _metric_norms(sparse[name], kind)
         result.metric[name] = alignment_metric(a_d, a_s)
         if want_alignment:
             result.alignment[name] = a_d - a_s

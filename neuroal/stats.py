@@ -1,14 +1,26 @@
-"""Per-linear input statistics, accumulated by forward hooks as running sums (no activations kept).
+"""Per-linear input statistics, accumulated by forward hooks as running means (no activations kept).
 
-Normalisation follows the reference code (Wanda's `WrappedGPT`, SparseGPT's `add_batch`): sums are
-divided by the number of calibration *windows*, not tokens. So `scaler_row` = Σ_tokens x² / n_windows
-and the Wanda input norm a = sqrt(scaler_row); every consumer of a (Wanda, multiflow, the NeuroAL
-metric, which normalises by Σa) is invariant to that constant, and DSnoT's threshold expects it.
+The accumulation replays the reference code's arithmetic window by window: Wanda's `WrappedGPT`
+and SparseGPT's `add_batch` (as in eliacunegatti/NeuroAL `lib/layerwrapper.py`, `lib/sparsegpt.py`).
+A block call sees [b, seqlen, in] inputs for b windows; each window updates the running means with
+the same formula, in the same order, as the reference's one-window-per-call loop. The statistics,
+and so every mask and NeuroAL score, are then bit-identical to the reference arithmetic: the
+NeuroAL argmin is sensitive to float noise (one near-tie mask flip changes later blocks' scores at
+the 1% level, more than the gap between neighbouring λ), so "the same choices" needs the same sums.
+
+Normalisation is per window, as the reference: `scaler_row` = Σ_windows ‖x_w‖² / n_windows and the
+Wanda input norm a = sqrt(scaler_row); `mean_x` (DSnoT's `sum_metric_row`) = Σ_tokens x / n_windows.
+
+One reference quirk is reproduced on purpose: its SparseGPT wrapper keeps `scaler_row` of the
+*scaled* input √(2/n)·x, so window k of N weighs 2/(k·N) instead of 1/N. NeuroAL's search with
+SparseGPT reads its activation norms from there (`get_forward_sparsegpt`); `HESSIAN_NORMS` is that
+statistic, used for solver methods' alignment metric by default.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,45 +28,65 @@ from torch import Tensor, nn
 
 STATS_DTYPE = torch.float32
 
-NORMS = "norms"  # Σ x² per input channel (Wanda, multiflow, OWL, NeuroAL metric)
-MOMENTS = "moments"  # Σ x and Σ per-window variance (DSnoT)
-HESSIAN = "hessian"  # Σ x xᵀ (SparseGPT, APT)
+NORMS = "norms"  # WrappedGPT scaler_row (Wanda, multiflow, OWL, NeuroAL metric)
+MOMENTS = "moments"  # WrappedGPT sum_metric_row, mean, var (DSnoT)
+HESSIAN = "hessian"  # SparseGPT H = 2XᵀX/n (SparseGPT, APT)
+HESSIAN_NORMS = "hessian_norms"  # SparseGPT wrapper's scaler_row (NeuroAL metric with solvers)
 
 
 @dataclass
 class LinearStats:
-    """Running sums over the inputs x [*, in] of one linear."""
+    """Running statistics over the inputs x [*, in] of one linear."""
 
     n_windows: int = 0
-    sum_sq: Tensor | None = None  # [in]
-    sum_x: Tensor | None = None  # [in]
-    sum_var: Tensor | None = None  # [in] Σ over windows of each window's biased variance
-    xtx: Tensor | None = None  # [in, in]
+    n_tokens: int = 0
+    scaler_row: Tensor | None = None  # [in]
+    sum_metric_row: Tensor | None = None  # [in]
+    mean: Tensor | None = None  # [in, 1]
+    var: Tensor | None = None  # [in, 1]
+    H: Tensor | None = None  # [in, in]
+    scaler_row_h: Tensor | None = None  # [in]
     kinds: frozenset = field(default_factory=frozenset)
+
+    def _zeros(self, cols: int, device) -> None:
+        if self.scaler_row is None:
+            z = lambda *shape: torch.zeros(shape, dtype=STATS_DTYPE, device=device)  # noqa: E731
+            self.scaler_row, self.sum_metric_row, self.scaler_row_h = z(cols), z(cols), z(cols)
+            self.mean, self.var = z(cols, 1), z(cols, 1)
+            if HESSIAN in self.kinds:
+                self.H = z(cols, cols)
 
     def add(self, x: Tensor) -> None:
         """x: [b, seqlen, in] (b windows) or [b, in] (one token per window)."""
         if x.dim() == 2:
             x = x.unsqueeze(1)
-        b = x.shape[0]
-        x = x.to(STATS_DTYPE)
-        flat = x.reshape(-1, x.shape[-1])
-        if NORMS in self.kinds:
-            s = flat.square().sum(0)
-            self.sum_sq = s if self.sum_sq is None else self.sum_sq + s
-        if MOMENTS in self.kinds:
-            sx = flat.sum(0)
-            sv = x.var(dim=1, unbiased=False).sum(0)
-            self.sum_x = sx if self.sum_x is None else self.sum_x + sx
-            self.sum_var = sv if self.sum_var is None else self.sum_var + sv
-        if HESSIAN in self.kinds:
-            h = flat.T @ flat
-            self.xtx = h if self.xtx is None else self.xtx.add_(h)
-        self.n_windows += b
+        self._zeros(x.shape[-1], x.device)
+        for w in range(x.shape[0]):
+            self._add_window(x[w])
 
-    @property
-    def scaler_row(self) -> Tensor:
-        return self.sum_sq / self.n_windows
+    def _add_window(self, x: Tensor) -> None:
+        inp = x.reshape(-1, x.shape[-1]).t().to(STATS_DTYPE)  # [in, tokens], as the reference
+        n, k = self.n_windows, inp.shape[1]
+        if MOMENTS in self.kinds:  # WrappedGPT.add_batch
+            mean = torch.mean(inp, dim=1, keepdim=True)
+            var = torch.var(inp, dim=1, unbiased=False, keepdim=True)
+            t = self.n_tokens
+            self.var = var if t == 0 else (self.var * t + var * k) / (t + k)
+            self.mean = mean if t == 0 else (self.mean * t + mean * k) / (t + k)
+            self.sum_metric_row *= n / (n + 1)
+            self.sum_metric_row += torch.sum(inp, dim=1) / (n + 1)
+        if NORMS in self.kinds:
+            self.scaler_row *= n / (n + 1)
+            self.scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / (n + 1)
+        if HESSIAN in self.kinds or HESSIAN_NORMS in self.kinds:  # SparseGPT.add_batch
+            scaled = math.sqrt(2 / (n + 1)) * inp
+            if HESSIAN in self.kinds:
+                self.H *= n / (n + 1)
+                self.H += scaled.matmul(scaled.t())
+            self.scaler_row_h *= n / (n + 1)
+            self.scaler_row_h += torch.norm(scaled, p=2, dim=1) ** 2 / (n + 1)
+        self.n_windows += 1
+        self.n_tokens += k
 
     @property
     def norms(self) -> Tensor:
@@ -62,18 +94,23 @@ class LinearStats:
         return torch.sqrt(self.scaler_row)
 
     @property
+    def hessian_norms(self) -> Tensor:
+        """sqrt of the SparseGPT wrapper's scaler_row (the reference's quirk, see the module doc)."""
+        return torch.sqrt(self.scaler_row_h)
+
+    @property
     def mean_x(self) -> Tensor:
         """DSnoT's `sum_metric_row`: Σ_tokens x / n_windows."""
-        return self.sum_x / self.n_windows
+        return self.sum_metric_row
 
     @property
     def var_x(self) -> Tensor:
-        return self.sum_var / self.n_windows
+        return self.var.reshape(-1)
 
     @property
     def hessian(self) -> Tensor:
         """H = 2 XᵀX / n_windows, as SparseGPT."""
-        return self.xtx * (2.0 / self.n_windows)
+        return self.H
 
 
 class StopForward(Exception):

@@ -111,6 +111,8 @@ def summary_table(run: dict) -> Table:
         t.add_row(f"ppl {name} dense", f"{v:.3f}")
     for name, v in run.get("perplexity", {}).items():
         t.add_row(f"ppl {name} pruned", f"{v:.3f}")
+    for r in run.get("zeroshot", []):
+        t.add_row(f"{r['task']} {r['metric']}", f"{r['value']:.4f} ± {r['stderr']:.4f}")
     for phase, s in run.get("timings_s", {}).items():
         t.add_row(f"time {phase}", f"{s:.1f} s")
     t.add_row("out", run.get("out", ""))
@@ -133,6 +135,8 @@ def prune(
     eval: str = typer.Option("", help="comma list of wikitext2,c4,ptb or files"),
     eval_dense: bool = typer.Option(False, help="also evaluate the dense model first"),
     eval_windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (default: all)"),
+    zeroshot: str = typer.Option("", help="comma list of lm-eval tasks: rte,winogrande,boolq,hellaswag,arc_easy,..."),
+    zeroshot_limit: Optional[int] = typer.Option(None, help="documents per zero-shot task (default: all)"),
     data_dir: Optional[str] = typer.Option(None, help="local data folder (default: $NEUROAL_DATA_DIR, else the hub)"),
     out: Optional[str] = typer.Option(None, help="run folder (default runs/<model>-<method>-<top-up>-<s>-<pattern>)"),
     shards: int = typer.Option(1, help="number of shard actors (contiguous block ranges)"),
@@ -154,7 +158,7 @@ def prune(
         spec = build_spec(
             model=model, method=method, top_up=top_up, neuroal_step=neuroal_step, sparsity=sparsity,
             pattern=pattern, granularity=granularity, calibration=calibration, nsamples=nsamples,
-            seqlen=seqlen, seed=seed, eval=eval, eval_dense=eval_dense, eval_windows=eval_windows, data_dir=data_dir, out=out,
+            seqlen=seqlen, seed=seed, eval=eval, eval_dense=eval_dense, eval_windows=eval_windows, zeroshot=zeroshot, zeroshot_limit=zeroshot_limit, data_dir=data_dir, out=out,
             shards=shards, gpu_mem=gpu_mem, address=address or os.environ.get("RAY_ADDRESS"), executor=executor,
             dtype=dtype, device=device, early_stop=early_stop,
         )

@@ -263,6 +263,18 @@ def perplexity(
                                             "tokens": int(ids.numel())}
 
 
+def evaluate_checkpoint_zeroshot(folder: Path, tasks, data_dir, limit) -> list[dict]:
+    """lm-eval zero-shot tasks on a saved checkpoint (loaded the way users load it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from neuroal.zeroshot import evaluate_zeroshot
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    results = evaluate_zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks), data_dir=data_dir, limit=limit)
+    return [{"task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "n_docs": r.n_docs}
+            for r in results]
+
+
 def sparsity_report(records: dict[int, dict], shapes) -> dict:
     """Actual sparsity over the prunable linears, per layer, and a per-row summary."""
     total = zeros = 0.0
@@ -357,6 +369,11 @@ def execute(
         for name in spec.eval:
             ppl[name], eval_info[name] = perplexity(session, name, spec.seqlen, data_dir, max_windows=spec.eval_windows)
         timings["eval"] = time.perf_counter() - t
+        zeroshot = []
+        if spec.zeroshot:
+            t = time.perf_counter()
+            zeroshot = evaluate_checkpoint_zeroshot(out_dir, spec.zeroshot, data_dir, spec.zeroshot_limit)
+            timings["zeroshot"] = time.perf_counter() - t
     finally:
         if own:
             session.close()
@@ -380,6 +397,7 @@ def execute(
         **report,
         "perplexity": ppl,
         "perplexity_dense": ppl_dense,
+        "zeroshot": zeroshot,
         "eval_data": eval_info,
         "calibration": {"origin": calib_origin, "windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])},
         "allocation_extra": alloc.extra,

@@ -121,7 +121,7 @@ class Grid(BaseModel):
     @classmethod
     def _prune(cls, v):
         reserved = {"model", "method", "top_up", "sparsity", "pattern", "seed", "calibration", "nsamples", "seqlen",
-                    "eval", "out", "eval_windows"}
+                    "eval", "out", "eval_windows", "zeroshot", "zeroshot_limit"}
         for key in v:
             if key in reserved:
                 raise SpecError(f"prune.{key}", v[key], "set it at the top level of the grid")

@@ -38,6 +38,8 @@ class PruneSpec(BaseModel):
     eval: tuple[str, ...] = ()
     eval_dense: bool = False
     eval_windows: int | None = None  # evaluate only the first N windows (None: all, the papers' protocol)
+    zeroshot: tuple[str, ...] = ()  # lm-eval tasks run on the saved checkpoint
+    zeroshot_limit: int | None = None
     data_dir: str | None = None
     out: str | None = None
     shards: int = 1
@@ -102,6 +104,20 @@ class PruneSpec(BaseModel):
                 raise SpecError("--eval", name, list(DATASETS) + ["a .txt/.jsonl/.parquet file"])
             out.append(name)
         return tuple(out)
+
+    @field_validator("zeroshot", mode="before")
+    @classmethod
+    def _zeroshot(cls, v) -> tuple[str, ...]:
+        from neuroal.zeroshot import TASKS
+
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        for name in v:
+            if name not in TASKS:
+                raise SpecError("--zeroshot", name, TASKS)
+        return tuple(v)
 
     @model_validator(mode="after")
     def _combinations(self) -> PruneSpec:

@@ -12,7 +12,7 @@ from neuroal.errors import SpecError
 
 def stats_with_norms(a):
     st = LinearStats(kinds=frozenset({NORMS}))
-    st.sum_sq = torch.tensor(a, dtype=torch.float32) ** 2  # one window: a = sqrt(sum_sq / 1)
+    st.scaler_row = torch.tensor(a, dtype=torch.float32) ** 2  # a = sqrt(scaler_row)
     st.n_windows = 1
     return st
 
@@ -35,6 +35,36 @@ def test_multiflow_by_hand():
     imp_in = torch.tensor([5.0, 1.25, 1.0])
     expect = W.abs() * torch.outer(imp_out, imp_in)
     assert torch.allclose(multiflow(W, stats_with_norms(A)), expect)
+
+
+def test_stats_replay_the_reference_running_means():
+    """WrappedGPT/SparseGPT add_batch, one window per call, equals our batched hook bit for bit."""
+    import math
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, 6)
+    kinds = frozenset({"norms", "moments", "hessian", "hessian_norms"})
+    st = LinearStats(kinds=kinds)
+    st.add(x[:2])
+    st.add(x[2:])
+    scaler, summ, H, sh, n = torch.zeros(6), torch.zeros(6), torch.zeros(6, 6), torch.zeros(6), 0
+    for w in range(5):
+        inp = x[w].t()
+        scaler *= n / (n + 1)
+        summ *= n / (n + 1)
+        H *= n / (n + 1)
+        sh *= n / (n + 1)
+        n += 1
+        scaler += torch.norm(inp, p=2, dim=1) ** 2 / n
+        summ += torch.sum(inp, dim=1) / n
+        scaled = math.sqrt(2 / n) * inp
+        H += scaled.matmul(scaled.t())
+        sh += torch.norm(scaled, p=2, dim=1) ** 2 / n
+    assert torch.equal(st.scaler_row, scaler) and torch.equal(st.mean_x, summ)
+    assert torch.equal(st.hessian, H) and torch.equal(st.scaler_row_h, sh)
+    # the SparseGPT wrapper's norms weigh window k by 2/(k N): the reference's quirk
+    w = torch.tensor([2 / (k * 5) for k in range(1, 6)])
+    assert torch.allclose(sh, (w.reshape(-1, 1) * x.square().sum(1)).sum(0), rtol=1e-5)
 
 
 def test_stats_normalise_by_windows_like_the_reference():

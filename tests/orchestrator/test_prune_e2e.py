@@ -101,3 +101,12 @@ def test_mamba_runs_every_solver_and_the_neuroal_block_step(method, tiny_dirs, s
     assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.03)
     assert run["lambda_block"] is not None and run["lambda_row"] is None
     assert any("block step only" in n for n in run["notes"])
+
+
+def test_prune_with_zeroshot_writes_rows(tiny_dirs, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
+    spec = _spec(tmp_path, tiny_dirs["llama"], shared_data, zeroshot="arc_easy", zeroshot_limit=4, eval="")
+    run = run_prune(spec, quiet=True)
+    assert {(r["task"], r["metric"]) for r in run["zeroshot"]} == {("arc_easy", "acc"), ("arc_easy", "acc_norm")}
+    rows = read_store(tmp_path / "store").table.to_pylist()
+    assert {(r["task"], r["metric"]) for r in rows} >= {("arc_easy", "acc"), ("arc_easy", "acc_norm")}

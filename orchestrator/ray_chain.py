@@ -128,7 +128,7 @@ class RayChain:
                     None if resume_dir is None else str(resume_dir),
                 )
             )
-        ray.get([a.ping.remote() for a in self.actors])
+        self._pids = ray.get([a.ping.remote() for a in self.actors])  # a new pid = a restarted actor
 
     # ------------------------------------------------------------------ submission
 
@@ -183,6 +183,11 @@ class RayChain:
                 shard = handle.call[0]
                 logger.warning("shard %d lost a %s call (%s); recovering and replaying", shard, handle.call[1],
                                type(exc).__name__)
+                # the lost input may be an upstream call on another (restarting) actor: recover those
+                # first, so the resubmitted call gets inputs that exist
+                for arg in handle.call[2]:
+                    if isinstance(arg, Handle):
+                        self.get(arg)
                 self._recover(shard)
                 for h, ref in zip(handle.siblings, self._submit(handle.call)):
                     h.ref = ref
@@ -197,12 +202,15 @@ class RayChain:
         deadline = time.monotonic() + self.recover_timeout_s
         while True:
             try:
-                ray.get(self.actors[shard].ping.remote(), timeout=60)
+                pid = ray.get(self.actors[shard].ping.remote(), timeout=60)
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        if pid == self._pids[shard]:
+            return  # this actor lived; the call failed for a lost input, now recovered
+        self._pids[shard] = pid
         for method, args in self._state[shard]:
             ray.get(getattr(self.actors[shard], method).remote(*self._refs(args)))
         self.recoveries += 1

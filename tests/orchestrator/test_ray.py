@@ -97,6 +97,31 @@ class _KillAfterPrune(RayChain):
         return super().call(shard, method, *args)
 
 
+class _KillUpstreamInEval(RayChain):
+    """Kills shard 0 right after the first evaluation stream entered it (after `save`): shard 1's
+    calls already wait on the lost output, and the driver only asks for the last shard's result."""
+
+    def call(self, shard, method, *args):
+        self._saved = getattr(self, "_saved", False) or method == "save"
+        return super().call(shard, method, *args)
+
+    def call2(self, shard, method, *args):
+        out = super().call2(shard, method, *args)
+        if shard == 0 and method == "run" and self._saved and not getattr(self, "_killed", False):
+            self._killed = True
+            ray.kill(self.actors[0], no_restart=False)
+        return out
+
+
+def test_lost_upstream_output_is_recomputed(ray_local, reference, tiny_dirs, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setattr("orchestrator.ray_chain.RayChain", _KillUpstreamInEval)
+    run, weights, recoveries = _run(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path / "out", executor="ray",
+                                          shards=2), tmp_path / "out", resume_dir=tmp_path / "partial")
+    assert recoveries >= 1
+    assert _same(weights, reference[1])
+    assert run["perplexity"]["wikitext2"] == pytest.approx(reference[0]["perplexity"]["wikitext2"], rel=1e-6)
+
+
 def test_restart_after_prune_restores_the_checkpoint(ray_local, reference, tiny_dirs, shared_data, tmp_path, monkeypatch):
     monkeypatch.setattr("orchestrator.ray_chain.RayChain", _KillAfterPrune)
     resume = tmp_path / "partial"

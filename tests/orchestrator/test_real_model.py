@@ -85,7 +85,12 @@ def test_two_ray_shards_equal_one_process_on_smollm2(shared_data, tmp_path):
     assert all(torch.equal(w_r[b][n], w_l[b][n]) for b in w_l for n in w_l[b])
 
 
-MEMORY_MARGIN = 256 * 2**20  # allocator arenas, torch/transformers caches, Ray worker state
+# What running the work costs beyond the tensors held, measured on SmolLM2 (seqlen 64, 8 windows):
+# oneDNN/MKL state created by the first forward (~100 MB), per-block temporaries of the search and
+# the prune, and freed memory glibc keeps for reuse within a pass (~150 MB); malloc_trim between
+# tasks did not lower the peaks. For scale: one actor holding the whole model peaks 915 MB above a
+# bare worker, so this bound still fails any actor that loads more than its shard.
+MEMORY_MARGIN = 384 * 2**20
 
 
 @pytest.mark.ray

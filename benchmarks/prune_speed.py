@@ -3,10 +3,11 @@
 The baseline is the papers' code style (Wanda `prune_wanda`, SparseGPT `llama_sequential`): each
 block runs the calibration windows one at a time through the layer, with hooks that update running
 statistics per window, then prunes, then runs the windows one at a time again for the next block's
-inputs. Ours is `neuroal.block.prune_block`: all windows in micro-batches of up to 32k tokens, the
-dense pass stopped after the last linear's input is recorded, kthvalue row masks. Both produce the
-same masks (checked). Each configuration runs in its own process (peak RSS is its own); per-block
-times give the medians.
+inputs. Ours is `neuroal.block.prune_block`: the windows in micro-batches (2k tokens on CPU, 32k on
+GPU), the dense pass stopped after the last linear's input is recorded, kthvalue row masks; the
+statistics replay the reference's per-window running means, so both produce the same masks
+(checked: agreement 1.0). Each configuration runs in its own process (peak RSS is its own);
+per-block times give the medians.
 
     python benchmarks/prune_speed.py                 # 128 windows x 512 tokens (the issue's size)
     python benchmarks/prune_speed.py --nsamples 16 --seqlen 256 --blocks 6   # quick

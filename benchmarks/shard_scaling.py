@@ -34,7 +34,7 @@ def run_search(shards: int, seqlen: int) -> dict:
     from orchestrator.search import NeuroALSearch
     from orchestrator.spec import build_spec
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     spec = build_spec(method="wanda", top_up="neuroal", sparsity=0.7, seqlen=seqlen, nsamples=8, executor="ray",
                       shards=shards, data_dir=str(DATA_DIR))
     s = open_session(spec)

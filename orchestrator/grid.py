@@ -296,7 +296,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
             started = True
     res = grid.resources
     retry = dict(max_retries=res.max_retries, retry_exceptions=[TransientError])

@@ -86,6 +86,7 @@ class RayChain:
                 ray.init(address=address, logging_level=logging.WARNING)
             else:
                 ray.init(
+                    address="local",  # a new instance, never a stray cluster found on the machine
                     num_cpus=num_cpus or os.cpu_count(),
                     dashboard_host="127.0.0.1",
                     include_dashboard=False,

@@ -75,7 +75,7 @@ def test_two_ray_shards_equal_one_process_on_smollm2(shared_data, tmp_path):
             session.close()
         return run, w
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         run_r, w_r = masks("ray", 2)
     finally:
@@ -106,7 +106,7 @@ def test_actor_memory_stays_within_its_shard(shared_data, tmp_path):
         build_skeleton(load_config(resolve_model("smollm2-135m")))  # imports and an empty skeleton
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         base = ray.get(ray.remote(baseline_worker).remote())
         spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=64, nsamples=8,

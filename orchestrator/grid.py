@@ -5,7 +5,7 @@ registries), with an optional `include:` base file like lm-eval task YAMLs. `neu
 --store DIR` runs it on Ray:
 
 - each cell is a Ray task that prunes (in its worker, or through shard actors for big models) into
-  `DIR/runs/<cell key>/`;
+  `DIR/_runs/<cell key>/` (the leading underscore keeps `pd.read_parquet(DIR)` on the rows alone);
 - each evaluation (a perplexity dataset, a zero-shot task) is a Ray task on the pruned checkpoint;
 - cells and tasks run concurrently up to what the cluster holds (explicit resources per task);
   transient failures are retried (`max_retries`, `retry_exceptions`), and failures are recorded;
@@ -33,6 +33,7 @@ from neuroal.zeroshot import TASKS as ZEROSHOT_TASKS
 from orchestrator.spec import PruneSpec, build_spec
 
 logger = logging.getLogger(__name__)
+RUNS_DIR = "_runs"  # cell run folders inside the store; pyarrow skips "_" paths when reading rows
 
 GRID_VERSION = "1"
 
@@ -205,7 +206,7 @@ def expand(grid: Grid, store: Path) -> Plan:
         if key in seen:
             continue
         seen.add(key)
-        spec = spec.model_copy(update={"out": str(store / "runs" / key)})
+        spec = spec.model_copy(update={"out": str(store / RUNS_DIR / key)})
         plan.cells.append(Cell(spec, key, evals, label))
     return plan
 

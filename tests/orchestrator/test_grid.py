@@ -105,6 +105,10 @@ def test_tiny_grid_end_to_end_then_resume_after_kill(tmp_path, tiny_dirs, shared
     assert len(keys) == len(set(keys)), "duplicate rows"
     assert expected <= set(keys)
     assert {r["metric"] for r in rows} == {"sparsity_actual", "perplexity", "acc", "acc_norm"}
+    # the store is a Parquet dataset pandas reads directly (cell run folders live under _runs/)
+    import pandas as pd
+
+    assert len(pd.read_parquet(store)) == len(rows)
     # 3) a third run does nothing
     before = len(rows)
     run_grid(g, store, data_dir=str(shared_data), num_cpus=2)

@@ -62,6 +62,10 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
     if rep.skipped:
         sections += ["Unreadable store files (skipped):", *[f"- `{p}`: {why}" for p, why in rep.skipped], ""]
     failed = df[df["metric"] == "error"]
+    # a failure a rerun made good (the cell's prune or evaluation row exists now) is history, not news
+    done = set(zip(df["cell_key"], df["task"]))
+    redone = [(k, t.split(":")[2] or "prune") in done for k, t in zip(failed["cell_key"], failed["task"])]
+    failed = failed[[not r for r in redone]]
     if len(failed):
         sections += ["Failed cells:", *[f"- {r.model} {r.method} {r.top_up} {r.sparsity:g}: {r.note}" for r in failed.itertuples()], ""]
     df = df[df["metric"] != "error"]

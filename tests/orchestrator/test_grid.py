@@ -136,3 +136,18 @@ def test_corrupt_store_file_is_reported_and_skipped(tmp_path):
     assert pq.read_table(good).num_rows == 1  # readable by pyarrow (and pandas/duckdb) directly
     files = build_report(store, tmp_path / "rep")
     assert "part-truncated.parquet" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_report_lists_only_failures_not_made_good_by_a_rerun(tmp_path):
+    store = tmp_path / "store"
+    base = {"model": "m", "method": "wanda", "top_up": "uniform", "sparsity": 0.5, "pattern": "unstructured",
+            "seed": 0, "calibration": "c4", "seqlen": 8}
+    fail = lambda key, task: {**base, "run_id": "failed", "cell_key": key, "task": task, "metric": "error",  # noqa: E731
+                              "value": None, "note": f"{key} {task}: LocalRayletDiedError"}
+    append_rows(store, [fail("a", "failed:eval:wikitext2"), fail("b", "failed:prune:"), fail("c", "failed:eval:boolq")])
+    append_rows(store, [{**base, "run_id": "r", "cell_key": "a", "task": "wikitext2", "metric": "perplexity", "value": 9.0},
+                        {**base, "run_id": "r", "cell_key": "b", "task": "prune", "metric": "sparsity_actual", "value": 0.5}])
+    build_report(store, tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "c failed:eval:boolq" in md
+    assert "a failed:eval:wikitext2" not in md and "b failed:prune:" not in md

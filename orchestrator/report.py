@@ -78,6 +78,7 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
             files["tables"] += _write(table, out / f"perplexity-{slug}", best="min", fmt=".2f")
             sections += ["Perplexity (lower is better)", "", _md(table, "min", ".2f"), ""]
             files["plots"].append(_plot_ppl(ppl, out / f"perplexity-{slug}.png", model))
+            sections += [f"![perplexity vs sparsity]({files['plots'][-1].name})", ""]
         acc = part[part["metric"] == ACC_METRIC]
         if len(acc):
             table = _pivot(acc, ["sparsity", "task"])
@@ -88,6 +89,7 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
             files["tables"] += _write(table, out / f"zeroshot-{slug}", best="max", fmt=".4f")
             sections += [f"Zero-shot accuracy ({ACC_METRIC}, higher is better)", "", _md(table, "max", ".4f"), ""]
             files["plots"].append(_plot_acc(acc, out / f"zeroshot-{slug}.png", model))
+            sections += [f"![zero-shot accuracy per task]({files['plots'][-1].name})", ""]
         lam = part[(part["top_up"] == "neuroal") & (part["task"] == "prune")]
         if len(lam):
             t = lam[["method", "sparsity", "lambda_block", "lambda_row", "value"]].rename(

@@ -119,6 +119,7 @@ def test_tiny_grid_end_to_end_then_resume_after_kill(tmp_path, tiny_dirs, shared
     assert "report.md" in names and any(n.startswith("perplexity-") and n.endswith(".png") for n in names)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Perplexity" in md and "Zero-shot accuracy" in md and "**" in md
+    assert "![perplexity vs sparsity](perplexity-" in md  # the plots are linked from the Markdown
 
 
 def test_corrupt_store_file_is_reported_and_skipped(tmp_path):

@@ -19,6 +19,15 @@ from neuroal.methods import METHODS, PATTERNS, parse_pattern
 STEPS = ("block", "row", "both")
 
 
+def _name_list(v) -> tuple[str, ...]:
+    """A comma list ("a,b") or a sequence of names, stripped, empties dropped."""
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = v.split(",")
+    return tuple(x.strip() for x in v if x.strip())
+
+
 class PruneSpec(BaseModel):
     """One prune: the CLI contract of DESIGN §1 plus tuning knobs with the papers' defaults."""
 
@@ -93,31 +102,22 @@ class PruneSpec(BaseModel):
     @field_validator("eval", mode="before")
     @classmethod
     def _eval(cls, v) -> tuple[str, ...]:
-        if v is None:
-            return ()
-        if isinstance(v, str):
-            v = [x for x in v.split(",") if x.strip()]
-        out = []
-        for name in v:
-            name = name.strip()
+        names = _name_list(v)
+        for name in names:
             if name not in DATASETS and "." not in name:
                 raise SpecError("--eval", name, list(DATASETS) + ["a .txt/.jsonl/.parquet file"])
-            out.append(name)
-        return tuple(out)
+        return names
 
     @field_validator("zeroshot", mode="before")
     @classmethod
     def _zeroshot(cls, v) -> tuple[str, ...]:
         from neuroal.zeroshot import TASKS
 
-        if v is None:
-            return ()
-        if isinstance(v, str):
-            v = [x.strip() for x in v.split(",") if x.strip()]
-        for name in v:
+        names = _name_list(v)
+        for name in names:
             if name not in TASKS:
                 raise SpecError("--zeroshot", name, TASKS)
-        return tuple(v)
+        return names
 
     @model_validator(mode="after")
     def _combinations(self) -> PruneSpec:

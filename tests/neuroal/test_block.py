@@ -62,6 +62,39 @@ def test_hook_sums_equal_a_per_window_loop(llama):
         assert torch.allclose(batched[n].hessian, looped[n].hessian, rtol=1e-4, atol=1e-5)
 
 
+def test_linears_sharing_an_input_get_identical_statistics(llama):
+    """q/k/v (and gate/up) copy one computation; the result equals each computing its own."""
+    block, family, inputs = _fresh_block(llama)
+    linears = block_linears(block, family)
+    kinds = frozenset({S.NORMS, S.MOMENTS, S.HESSIAN, S.HESSIAN_NORMS})
+    seen = {n: [] for n in linears}
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].clone())) for n, m in linears.items()]
+    shared, _ = B._collect(block, family, inputs.hidden, inputs.kwargs, kinds, 2 * 24, want_output=True)
+    for h in handles:
+        h.remove()
+    for n in linears:
+        own = S.LinearStats(kinds=kinds)
+        for x in seen[n]:
+            own.add(x)
+        for f in ("scaler_row", "sum_metric_row", "mean", "var", "H", "scaler_row_h"):
+            assert torch.equal(getattr(shared[n], f), getattr(own, f)), (n, f)
+
+
+def test_a_linear_stops_copying_once_its_input_differs():
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    xs = [torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    kinds = frozenset({S.NORMS, S.HESSIAN})
+    with S.collect({"a": a, "b": b}, kinds) as st:
+        a(xs[0]), b(xs[0])  # shared: b copies a
+        a(xs[1]), b(xs[2])  # b's own input
+        a(xs[3]), b(xs[3])  # shared again, but b's history differs: it must compute
+    for name, seq in (("a", [xs[0], xs[1], xs[3]]), ("b", [xs[0], xs[2], xs[3]])):
+        own = S.LinearStats(kinds=kinds)
+        for x in seq:
+            own.add(x)
+        assert torch.equal(st[name].scaler_row, own.scaler_row) and torch.equal(st[name].H, own.H), name
+
+
 def test_score_block_leaves_the_block_unchanged(llama):
     block, family, inputs = _fresh_block(llama)
     before = {n: l.weight.clone() for n, l in block_linears(block, family).items()}

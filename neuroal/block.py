@@ -135,15 +135,16 @@ def derived_inputs(block: nn.Module, linears: dict[str, nn.Module], family: Fami
     return out
 
 
-def _apply(
+def _pruned_weights(
     linears: dict[str, nn.Module],
     stats: dict[str, S.LinearStats],
     ratios: Mapping[str, float | Tensor],
     opts: PruneOptions,
     family: Family,
-) -> None:
-    """Prune every linear of the block in place at its ratio."""
+) -> dict[str, Tensor]:
+    """New (pruned) weights for every linear of the block at its ratio; the block is untouched."""
     method = opts.base
+    new = {}
     for name, lin in linears.items():
         ratio = ratios[name]
         W = lin.weight.data
@@ -151,9 +152,9 @@ def _apply(
             from neuroal.allocation.dsnot import dsnot_prune
 
             refine = not (opts.dsnot.skip_mlp and name in family.mlp)
-            new = dsnot_prune(W, stats[name], ratio, method, pattern=opts.pattern, refine=refine, options=opts.dsnot)
+            new[name] = dsnot_prune(W, stats[name], ratio, method, pattern=opts.pattern, refine=refine, options=opts.dsnot)
         else:
-            new = prune_linear(
+            new[name] = prune_linear(
                 W,
                 stats.get(name),
                 ratio,
@@ -163,7 +164,19 @@ def _apply(
                 blocksize=opts.blocksize,
                 percdamp=opts.percdamp,
             )
-        lin.weight.data.copy_(new)
+    return new
+
+
+def _apply(
+    linears: dict[str, nn.Module],
+    stats: dict[str, S.LinearStats],
+    ratios: Mapping[str, float | Tensor],
+    opts: PruneOptions,
+    family: Family,
+) -> None:
+    """Prune every linear of the block in place (into its own storage) at its ratio."""
+    for name, W in _pruned_weights(linears, stats, ratios, opts, family).items():
+        linears[name].weight.data.copy_(W)
 
 
 def block_sparsity(block: nn.Module, family: Family) -> tuple[dict[str, float], dict[str, Tensor]]:
@@ -270,13 +283,15 @@ def score_block(
     linears = block_linears(block, family)
     kind = metric_kind(opts.base)
     dense, _ = _collect(block, family, hidden, kwargs, opts.needs | {kind}, opts.max_tokens, want_output=False)
-    saved = {name: lin.weight.data.clone() for name, lin in linears.items()}
+    # the sparse pass runs on the pruned copies swapped in; the dense tensors are swapped back
+    dense_weights = {name: lin.weight.data for name, lin in linears.items()}
     try:
-        _apply(linears, dense, ratios, opts, family)
+        for name, W in _pruned_weights(linears, dense, ratios, opts, family).items():
+            linears[name].weight.data = W
         sparse, out = _collect(block, family, hidden, kwargs, frozenset({kind}), opts.max_tokens, want_output=True)
     finally:
         for name, lin in linears.items():
-            lin.weight.data.copy_(saved[name])
+            lin.weight.data = dense_weights[name]
     result = BlockResult()
     for name in linears:
         a_d, a_s = _metric_norms(dense[name], kind), _metric_norms(sparse[name], kind)

@@ -89,10 +89,12 @@ def test_row_mask_ratios_keeps_top_floor_density():
     assert m.tolist() == [[False, True, False, False], [True, True, False, True]]
 
 
-def test_vectorised_row_ratios_equal_a_per_row_loop():
+@pytest.mark.parametrize("ties", [False, True])
+def test_vectorised_row_ratios_equal_a_per_row_loop(ties):
     torch.manual_seed(0)
-    score = torch.rand(50, 64)
+    score = torch.randint(0, 5, (50, 64)).float() if ties else torch.rand(50, 64)
     ratios = torch.rand(50, dtype=torch.float64) * 0.9
+    ratios[0], ratios[1] = 0.0, 1.0  # keep all, keep none
     m = masks.row_mask_ratios(score, ratios)
     for i in range(50):
         keep = int((1 - ratios[i].item()) * 64)

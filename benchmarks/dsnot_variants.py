@@ -15,35 +15,30 @@ configuration and in variants that change one choice each, and reports WikiText-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
 from _common import DATA_DIR, ROOT, in_child, machine, print_table, write_json
 
-VARIANTS = {
-    "wanda (uniform)": None,
-    "dsnot reference": {},
-    "dsnot same-sign": {"same_sign": True},
-    "dsnot with MLP": {"skip_mlp": False},
+VARIANTS = {  # PruneSpec fields of each variant
+    "wanda (uniform)": {"top_up": "uniform"},
+    "dsnot reference": {"top_up": "dsnot"},
+    "dsnot same-sign": {"top_up": "dsnot", "dsnot_same_sign": True},
+    "dsnot with MLP": {"top_up": "dsnot", "dsnot_skip_mlp": False},
 }
 
 
 def run_variant(variant: str, sparsity: float, nsamples: int, seqlen: int, eval_windows: int) -> dict:
     from neuroal.allocation import ratios as R
-    from neuroal.block import DSnoTOptions
     from neuroal.data import calibration_windows
     from orchestrator.driver import final_prune, open_session, perplexity, prune_options
     from orchestrator.spec import build_spec
 
-    change = VARIANTS[variant]
-    spec = build_spec(method="wanda", top_up="uniform" if change is None else "dsnot", sparsity=sparsity,
-                      seqlen=seqlen, nsamples=nsamples, executor="local", data_dir=str(DATA_DIR))
+    spec = build_spec(method="wanda", sparsity=sparsity, seqlen=seqlen, nsamples=nsamples, executor="local",
+                      data_dir=str(DATA_DIR), **VARIANTS[variant])
     s = open_session(spec)
     try:
         opts = prune_options(spec)
-        if change:
-            opts = dataclasses.replace(opts, dsnot=dataclasses.replace(opts.dsnot or DSnoTOptions(), **change))
         calib, _ = calibration_windows("c4", s.tokenizer, nsamples, seqlen, 0, DATA_DIR)
         t = time.perf_counter()
         final_prune(s, calib, R.uniform(s.n_blocks, s.family.linears, sparsity), opts)

@@ -145,7 +145,8 @@ def open_session(
 def prune_options(spec: PruneSpec) -> PruneOptions:
     dsnot = None
     if spec.top_up == "dsnot":
-        dsnot = DSnoTOptions(max_cycles=spec.dsnot_cycles, update_threshold=spec.dsnot_threshold)
+        dsnot = DSnoTOptions(max_cycles=spec.dsnot_cycles, update_threshold=spec.dsnot_threshold,
+                             same_sign=spec.dsnot_same_sign, skip_mlp=spec.dsnot_skip_mlp)
     return PruneOptions(
         method=spec.method,
         pattern=parse_pattern(spec.pattern),

@@ -17,6 +17,9 @@ from neuroal.errors import SpecError
 from neuroal.methods import METHODS, PATTERNS, parse_pattern
 
 STEPS = ("block", "row", "both")
+# PruneSpec fields besides the grid axes that change the pruned model (not where or how fast it ran)
+RESULT_KNOBS = ("blocksize", "percdamp", "owl_m", "owl_lambda", "alpha_epsilon", "dsnot_cycles", "dsnot_threshold",
+                "dsnot_same_sign", "dsnot_skip_mlp", "search_windows", "dtype")
 
 
 def _name_list(v) -> tuple[str, ...]:
@@ -65,6 +68,8 @@ class PruneSpec(BaseModel):
     alpha_epsilon: float = 0.3
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
+    dsnot_same_sign: bool = False  # the DSnoT paper's rule; the reference code never applies it
+    dsnot_skip_mlp: bool = True  # the reference refines attention linears only
     search_windows: int = 8
     early_stop: bool = True
     max_tokens: int | None = None  # tokens per block call (default: 2048 on CPU, 32768 on GPU)
@@ -150,6 +155,11 @@ class PruneSpec(BaseModel):
                 "calibration", "nsamples", "seqlen")
         payload = {k: getattr(self, k) for k in keys}
         payload["sparsity"] = round(self.effective_sparsity, 6)
+        # knobs that change the result join the key only when set off their default, so the keys
+        # of default runs (and the stores holding them) stay valid
+        for k in RESULT_KNOBS:
+            if getattr(self, k) != type(self).model_fields[k].default:
+                payload[k] = getattr(self, k)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def default_out(self) -> str:

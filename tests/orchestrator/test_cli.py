@@ -72,3 +72,19 @@ def test_missing_data_leaves_nothing_behind(tmp_path, tiny_dirs):
                                   "--nsamples", "2", out=out))
     assert "c4 needs JSON-lines files" in line
     assert not out.exists() and not list(tmp_path.glob(".run.tmp-*"))
+
+
+def test_cell_key_covers_result_knobs_and_keeps_default_keys():
+    from orchestrator.spec import RESULT_KNOBS, build_spec
+
+    # keys of default runs are those stores written before the knobs joined the key
+    assert build_spec().cell_key() == "5423379a02db0db2"
+    assert build_spec(method="sparsegpt", top_up="neuroal", sparsity=0.7, seqlen=256).cell_key() == "c5fa17205415fcc5"
+    base = build_spec(top_up="dsnot")
+    changed = {"owl_lambda": 0.1, "dsnot_same_sign": True, "dsnot_skip_mlp": False, "search_windows": 4,
+               "dtype": "bfloat16", "alpha_epsilon": 0.2}
+    assert set(changed) <= set(RESULT_KNOBS)
+    keys = {build_spec(top_up="dsnot", **{k: v}).cell_key() for k, v in changed.items()}
+    assert base.cell_key() not in keys and len(keys) == len(changed)
+    # where or how fast it ran does not change the result
+    assert build_spec(top_up="dsnot", shards=3, early_stop=False, max_tokens=512).cell_key() == base.cell_key()

@@ -167,18 +167,6 @@ def _pruned_weights(
     return new
 
 
-def _apply(
-    linears: dict[str, nn.Module],
-    stats: dict[str, S.LinearStats],
-    ratios: Mapping[str, float | Tensor],
-    opts: PruneOptions,
-    family: Family,
-) -> None:
-    """Prune every linear of the block in place (into its own storage) at its ratio."""
-    for name, W in _pruned_weights(linears, stats, ratios, opts, family).items():
-        linears[name].weight.data.copy_(W)
-
-
 def block_sparsity(block: nn.Module, family: Family) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Fraction of zeros per linear, and per output row, of a block as it is now."""
     return _sparsity(block_linears(block, family), rows=True)
@@ -239,7 +227,8 @@ def prune_block(
     st = {}
     if kinds:
         st, _ = _collect(block, family, hidden, kwargs, kinds, opts.max_tokens, want_output=False)
-    _apply(linears, st, ratios, opts, family)
+    for name, W in _pruned_weights(linears, st, ratios, opts, family).items():
+        linears[name].weight.data.copy_(W)  # into the block's own storage
     del st
     result = BlockResult()
     result.sparsity, result.row_sparsity = _sparsity(linears, rows=True)

@@ -283,6 +283,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
     """Run every missing cell and evaluation of `grid` on Ray; returns the final state per cell."""
     import ray
 
+    from orchestrator.ray_chain import ensure_ray
     from orchestrator.store import append_rows, existing_keys, run_rows
 
     store = Path(store)
@@ -292,13 +293,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
     states = {c.key: CellState(c) for c in plan.cells}
     on_update = on_update or (lambda states: None)
 
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-            started = True
+    started = ensure_ray(address, num_cpus)
     res = grid.resources
     retry = dict(max_retries=res.max_retries, retry_exceptions=[TransientError])
     prune_remote = ray.remote(prune_cell).options(num_cpus=res.cell_cpus, num_gpus=res.cell_gpus, **retry)

@@ -16,6 +16,24 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address`, or start an embedded instance; True if this call started one.
+
+    An embedded instance is always new (`address="local"`): never a stray cluster that happens to
+    run on the machine. Nothing happens if Ray is already initialised in this process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
+             include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
 def _shard_actor_class():
     import ray
 
@@ -80,19 +98,7 @@ class RayChain:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self._started = False
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, logging_level=logging.WARNING)
-            else:
-                ray.init(
-                    address="local",  # a new instance, never a stray cluster found on the machine
-                    num_cpus=num_cpus or os.cpu_count(),
-                    dashboard_host="127.0.0.1",
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                )
-                self._started = True
+        self._started = ensure_ray(address, num_cpus or os.cpu_count())
         self.specs = list(shard_specs)
         self.n_shards = len(self.specs)
         self.max_restarts = max_restarts

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -90,10 +90,9 @@ class LinearStats:
 
     def copy_from(self, other: "LinearStats") -> None:
         """Take `other`'s state (a linear that saw the very same inputs)."""
-        self.n_windows, self.n_tokens = other.n_windows, other.n_tokens
-        for f in ("scaler_row", "sum_metric_row", "mean", "var", "H", "scaler_row_h"):
-            v = getattr(other, f)
-            setattr(self, f, None if v is None else v.clone())
+        for f in fields(self):
+            v = getattr(other, f.name)
+            setattr(self, f.name, v.clone() if isinstance(v, Tensor) else v)
 
     @property
     def norms(self) -> Tensor:

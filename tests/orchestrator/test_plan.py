@@ -9,8 +9,17 @@ import pytest
 from transformers import AutoConfig, LlamaConfig
 
 from neuroal.errors import ModelLoadError, SpecError, UnsupportedArchitecture
-from orchestrator import plan as P
-from orchestrator.plan import format_bytes, load_plan_config, parse_bytes, plan_lines, plan_shards, render_plan
+from orchestrator.planning import (
+    Plan,
+    ShardSpec,
+    format_bytes,
+    load_plan_config,
+    measure_model,
+    parse_bytes,
+    plan_lines,
+    plan_shards,
+    render_plan,
+)
 
 GB = 10**9
 
@@ -99,7 +108,23 @@ TINY_EMBED = 99 * 32
 TINY_HEAD = 32 + 99 * 32  # final norm + lm_head
 
 
-def check_invariants(plan: P.Plan) -> None:
+SHARD_KEYS = {
+    "index",
+    "first_block",
+    "last_block",
+    "end_block",
+    "n_blocks",
+    "has_embeddings",
+    "has_head",
+    "block_param_bytes",
+    "param_bytes",
+    "activation_bytes",
+    "total_bytes",
+    "activation",
+}
+
+
+def check_invariants(plan: Plan) -> None:
     """Contiguous, every block exactly once, embeddings first, head last, bytes add up, fits."""
     covered = [b for s in plan.shards for b in s.blocks]
     assert covered == list(range(plan.n_blocks))
@@ -113,6 +138,13 @@ def check_invariants(plan: P.Plan) -> None:
         assert s.total_bytes == s.param_bytes + s.activation_bytes
         assert s.total_bytes <= plan.budget_bytes
         assert (s.activation.logits > 0) == s.has_head
+        assert s.n_blocks == len(s.blocks) == s.end_block - s.first_block == s.last_block - s.first_block + 1
+        assert set(s.to_dict()) == SHARD_KEYS
+    # the ranges the shards are built from are the plan's own, one type end to end
+    assert plan.shard_specs() == [
+        ShardSpec(s.index, plan.n_actors, s.first_block, s.end_block, s.has_embeddings, s.has_head)
+        for s in plan.shards
+    ]
     json.dumps(plan.to_dict())  # JSON-clean
 
 
@@ -362,7 +394,7 @@ def test_other_families(model_type, k):
     assert plan.model_type == model_type and plan.n_blocks == 3
     assert plan.n_actors == (k or 1)
     assert all(s.activation.hessians > 0 for s in plan.shards)
-    layout = P.measure_model(cfg)
+    layout = measure_model(cfg)
     skeleton_total = layout.pre_params + sum(b.params for b in layout.blocks) + layout.post_params
     assert plan.total_params == skeleton_total - layout.tied_params
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -57,10 +56,9 @@ def machine() -> dict:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    from neuroal.fileio import write_json_atomic
+
+    write_json_atomic(path, payload)
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:

@@ -31,12 +31,13 @@ VARIANTS = {  # PruneSpec fields of each variant
 def run_variant(variant: str, sparsity: float, nsamples: int, seqlen: int, eval_windows: int) -> dict:
     from neuroal.allocation import ratios as R
     from neuroal.data import calibration_windows
-    from orchestrator.driver import final_prune, open_session, perplexity, prune_options
+    from orchestrator.evaluate import perplexity
+    from orchestrator.run import final_prune, prune_options, session_for
     from orchestrator.spec import build_spec
 
     spec = build_spec(method="wanda", sparsity=sparsity, seqlen=seqlen, nsamples=nsamples, executor="local",
                       data_dir=str(DATA_DIR), **VARIANTS[variant])
-    s = open_session(spec)
+    s = session_for(spec)
     try:
         opts = prune_options(spec)
         calib, _ = calibration_windows("c4", s.tokenizer, nsamples, seqlen, 0, DATA_DIR)

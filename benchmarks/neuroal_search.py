@@ -1,7 +1,7 @@
 """NeuroAL search on SmolLM2 (8 windows x 256 tokens): our search vs the reference code's way.
 
 Three measurements, same data, same model, one process each:
-1. ours: `NeuroALSearch` on one in-process shard with exact early stopping (the default);
+1. ours: the NeuroAL allocator (`orchestrator.run.allocate`) on one in-process shard with exact early stopping (the default);
 2. ours, brute force (early stopping off): every candidate scored to the end;
 3. reference style: a transcription of eliacunegatti/NeuroAL `get_neuroal_block`/`get_neuroal_row`
    (per-window loop, `get_forward` clones, `WrappedGPT` statistics with mean and variance, sort
@@ -24,34 +24,26 @@ from _common import DATA_DIR, ROOT, in_child, machine, median, print_table, writ
 SPARSITY = 0.7
 
 
-def _session(early_stop: bool, nsamples: int):
-    from orchestrator.driver import open_session
+def run_ours(early_stop: bool, nsamples: int) -> dict:
+    from neuroal.data import calibration_windows
+    from orchestrator.run import allocate, final_prune, prune_options, session_for
     from orchestrator.spec import build_spec
 
     spec = build_spec(method="wanda", top_up="neuroal", sparsity=SPARSITY, seqlen=256, nsamples=nsamples,
                       executor="local", early_stop=early_stop, data_dir=str(DATA_DIR))
-    return spec, open_session(spec)
-
-
-def run_ours(early_stop: bool, nsamples: int) -> dict:
-    from neuroal.data import calibration_windows
-    from orchestrator.driver import final_prune, prune_options
-    from orchestrator.search import NeuroALSearch
-
-    spec, s = _session(early_stop, nsamples)
+    s = session_for(spec)
     calib, _ = calibration_windows("c4", s.tokenizer, nsamples, 256, 0, DATA_DIR)
     opts = prune_options(spec)
-    search = NeuroALSearch(s.chain, s.family, [sp.blocks for sp in s.shard_specs], s.shapes, SPARSITY, opts,
-                           early_stop=early_stop, max_in_flight=1)
     t = time.perf_counter()
-    res = search.run(s.embed(calib[:8]), "both")
+    res = allocate(spec, s, calib, opts)
     total = time.perf_counter() - t
     t = time.perf_counter()
     final_prune(s, calib, res.ratios, opts)
     prune_s = time.perf_counter() - t
     stopped = {step: sum(not p["complete"] for p in pts) for step, pts in res.curves.items()}
-    return {"lambda_block": res.lambda_block, "lambda_row": res.lambda_row, "block_s": res.timings_s["search_block"],
-            "row_s": res.timings_s["search_row"], "search_s": total, "final_prune_s": prune_s,
+    timings = res.extra["timings_s"]
+    return {"lambda_block": res.lambda_block, "lambda_row": res.lambda_row, "block_s": timings["search_block"],
+            "row_s": timings["search_row"], "search_s": total, "final_prune_s": prune_s,
             "stopped_early": stopped, "curves": res.curves}
 
 
@@ -125,6 +117,7 @@ def run_reference(which: str) -> dict:
     import torch
 
     from neuroal.allocation import ratios as R
+    from neuroal.allocation.neuroal import row_ratios
     from neuroal.allocation.schedule import block_lambdas, neuroal_block_sparsity, row_lambdas
     from neuroal.data import calibration_windows
     from neuroal.families import capture_block_inputs, get_blocks
@@ -147,7 +140,7 @@ def run_reference(which: str) -> dict:
     best = min(lams, key=lambda lam: (out["block"][lam], lams.index(lam)))
     base = R.per_block(neuroal_block_sparsity(len(blocks), SPARSITY, best), family.linears)
     for lam in row_lambdas() if which == "all" else (0.1,):
-        dist, _ = R.neuroal_rows(family, shapes, base, aligns[best], lam)
+        dist, _ = row_ratios(family, shapes, base, aligns[best], lam)
         dist = {b: {n: np.asarray(v) for n, v in d.items()} for b, d in dist.items()}
         t = time.perf_counter()
         out["row"][lam], _ = _reference_candidate(torch, blocks, family, inputs.hidden, inputs.kwargs, dist)

@@ -30,32 +30,29 @@ def run_search(shards: int, seqlen: int) -> dict:
     import ray
 
     from neuroal.data import calibration_windows
-    from orchestrator.driver import open_session, prune_options
-    from orchestrator.search import NeuroALSearch
+    from orchestrator.run import allocate, prune_options, session_for
+    from orchestrator.shard import Shard
     from orchestrator.spec import build_spec
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     spec = build_spec(method="wanda", top_up="neuroal", sparsity=0.7, seqlen=seqlen, nsamples=8, executor="ray",
                       shards=shards, data_dir=str(DATA_DIR))
-    s = open_session(spec)
+    s = session_for(spec)
     try:
         calib, _ = calibration_windows("c4", s.tokenizer, 8, seqlen, 0, DATA_DIR)
-        hidden = s.embed(calib)
-        s.chain.get(hidden)
-        before = [s.chain.get(s.chain.call(i, "summary"))["busy_seconds"] for i in range(shards)]
-        search = NeuroALSearch(s.chain, s.family, [sp.blocks for sp in s.shard_specs], s.shapes, 0.7,
-                               prune_options(spec), max_in_flight=shards + 1)
+        s.chain.get(s.embed(calib))  # actors warm, kwargs set
+        before = [s.chain.get(s.chain.call(i, Shard.report))["busy_seconds"] for i in range(shards)]
         t = time.perf_counter()
-        res = search.run(hidden, "both")
+        res = allocate(spec, s, calib, prune_options(spec))
         wall = time.perf_counter() - t
-        summ = [s.chain.get(s.chain.call(i, "summary")) for i in range(shards)]
+        summ = [s.chain.get(s.chain.call(i, Shard.report)) for i in range(shards)]
     finally:
         s.close()
         ray.shutdown()
     return {"shards": shards, "wall_s": wall, "lambda_block": res.lambda_block, "lambda_row": res.lambda_row,
             "blocks": [x["blocks"] for x in summ],
             "utilisation": [(x["busy_seconds"] - b) / wall for x, b in zip(summ, before)],
-            "peak_rss_mb": [x["peak_rss_bytes"] / 2**20 for x in summ], "timings_s": res.timings_s}
+            "peak_rss_mb": [x["peak_rss_bytes"] / 2**20 for x in summ], "timings_s": res.extra["timings_s"]}
 
 
 def measure_cpu_block(seqlen: int) -> dict:
@@ -95,7 +92,7 @@ def simulate_70b(cpu: dict, seqlen_measured: int) -> dict:
     import json
     import tempfile
 
-    from orchestrator.plan import load_plan_config, plan_shards
+    from orchestrator.planning import load_plan_config, plan_shards
 
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672,
                num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,

@@ -6,7 +6,7 @@ functions and nothing else prunes. Inputs are all calibration windows of a strea
 per-window loop), and statistics are running sums kept by hooks.
 
 - `forward_block`:   hidden -> block(hidden) (evaluation, dense propagation).
-- `dense_block`:     dense statistics (+ OWL outlier ratio) and the dense output (OWL's pass).
+- `dense_block`:     dense statistics summarised for an allocator (OWL) and the dense output.
 - `prune_block`:     dense statistics -> prune in place -> sparse output (the final pass).
 - `score_block`:     NeuroAL candidate: dense stats -> prune a working copy -> sparse stats and
                      output -> per-linear alignment metric; the block's weights are restored.
@@ -15,8 +15,9 @@ per-window loop), and statistics are running sums kept by hooks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from neuroal import stats as S
 from neuroal.families import Family, block_linears, call_block
 from neuroal.methods import METHODS, Method, Pattern, prune_linear
+from neuroal.refiners import Refiner
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +41,6 @@ def max_tokens_for(device: torch.device, max_tokens: int | None) -> int:
 
 
 @dataclass(frozen=True)
-class DSnoTOptions:
-    """DSnoT refinement (training-free prune-and-grow) on top of the base method's mask."""
-
-    max_cycles: int = 50
-    update_threshold: float = 0.1
-    pow_of_var_regrowing: float = 1.0
-    same_sign: bool = False
-    skip_mlp: bool = True
-
-
-@dataclass(frozen=True)
 class PruneOptions:
     """How each linear of a block is pruned (ratios come separately, per block and linear)."""
 
@@ -58,7 +49,7 @@ class PruneOptions:
     granularity: str = "row"
     blocksize: int = 128
     percdamp: float = 0.01
-    dsnot: DSnoTOptions | None = None
+    refiner: Refiner | None = None  # a mask refiner stage (DSnoT) replacing the base method's masks
     max_tokens: int | None = DEFAULT_MAX_TOKENS
 
     @property
@@ -67,10 +58,7 @@ class PruneOptions:
 
     @property
     def needs(self) -> frozenset:
-        kinds = set(self.base.needs)
-        if self.dsnot is not None:
-            kinds |= {S.NORMS, S.MOMENTS}
-        return frozenset(kinds)
+        return frozenset(self.base.needs) | (self.refiner.needs if self.refiner is not None else frozenset())
 
 
 @dataclass
@@ -81,7 +69,7 @@ class BlockResult:
     alignment: dict[str, Tensor] = field(default_factory=dict)  # a^d - a^s per linear [in]
     sparsity: dict[str, float] = field(default_factory=dict)  # actual fraction of zeros per linear
     row_sparsity: dict[str, Tensor] = field(default_factory=dict)  # per-row fraction of zeros [out]
-    outlier_ratio: float | None = None  # OWL's D for this block (dense pass)
+    summary: Any = None  # an allocator's summary of the block's dense statistics (e.g. OWL's D)
 
 
 def _micro_batches(hidden: Tensor, max_tokens: int | None):
@@ -146,24 +134,13 @@ def _pruned_weights(
     method = opts.base
     new = {}
     for name, lin in linears.items():
-        ratio = ratios[name]
         W = lin.weight.data
-        if opts.dsnot is not None:  # DSnoT skips the MLP by default: initial mask only there
-            from neuroal.allocation.dsnot import dsnot_prune
-
-            refine = not (opts.dsnot.skip_mlp and name in family.mlp)
-            new[name] = dsnot_prune(W, stats[name], ratio, method, pattern=opts.pattern, refine=refine, options=opts.dsnot)
+        if opts.refiner is not None:
+            new[name] = opts.refiner.prune(W, stats[name], ratios[name], method, pattern=opts.pattern,
+                                           is_mlp=name in family.mlp)
         else:
-            new[name] = prune_linear(
-                W,
-                stats.get(name),
-                ratio,
-                method,
-                pattern=opts.pattern,
-                granularity=opts.granularity,
-                blocksize=opts.blocksize,
-                percdamp=opts.percdamp,
-            )
+            new[name] = prune_linear(W, stats.get(name), ratios[name], method, pattern=opts.pattern,
+                                     granularity=opts.granularity, blocksize=opts.blocksize, percdamp=opts.percdamp)
     return new
 
 
@@ -189,21 +166,18 @@ def dense_block(
     hidden: Tensor,
     kwargs: dict,
     *,
-    owl_m: float | None = None,
+    kinds: frozenset = frozenset(),
+    summary: Callable[[dict[str, Tensor], dict[str, S.LinearStats]], Any] | None = None,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> tuple[Tensor, BlockResult]:
-    """Dense output, and OWL's outlier ratio of the block's Wanda scores when `owl_m` is set.
+    """Dense output, and `summary(weights, stats)` of the block's dense statistics `kinds` if given.
 
-    OWL (Yin et al. 2024): D = 100 · #(scores > M · mean(scores)) / #scores over all prunable
-    linears of the block, scores = Wanda |W| · a on the dense model's inputs.
+    The summary runs where the block is (e.g. OWL's outlier ratio), so only its value travels.
     """
-    linears = block_linears(block, family)
-    kinds = frozenset({S.NORMS}) if owl_m is not None else frozenset()
     st, out = _collect(block, family, hidden, kwargs, kinds, max_tokens, want_output=True)
     result = BlockResult()
-    if owl_m is not None:
-        scores = torch.cat([METHODS.get("wanda").score(lin.weight.data, st[n]).flatten() for n, lin in linears.items()])
-        result.outlier_ratio = float((scores > scores.mean() * owl_m).sum().item()) / scores.numel() * 100
+    if summary is not None:
+        result.summary = summary({n: lin.weight.data for n, lin in block_linears(block, family).items()}, st)
     return out, result
 
 

@@ -30,10 +30,6 @@ class Method:
     score: ScoreFn | None = None
     solver: SolverFn | None = None
 
-    @property
-    def uses_data(self) -> bool:
-        return bool(self.needs)
-
 
 def _sparsegpt(*args, **kwargs):
     from neuroal.solvers.sparsegpt import sparsegpt_prune
@@ -88,9 +84,6 @@ def parse_pattern(text: str) -> Pattern | None:
     if not 0 < n < m:
         raise SpecError("--pattern", text, "unstructured, N:M with 0 < N < M (e.g. 2:4, 4:8)")
     return Pattern(n, m)
-
-
-Ratio = "float | Tensor"
 
 
 @torch.no_grad()

@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 
 from neuroal.errors import ModelLoadError
 from neuroal.families import Family, family_for
+from neuroal.fileio import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +34,9 @@ def cache_root() -> Path:
 
 
 def _atomic_dir(final: Path, build) -> Path:
-    """Build a folder in a temp sibling and rename it into place (nothing half-written stays)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
+    """Build a cache folder once; when processes race, the first to finish wins."""
+    with atomic_dir(final, replace=False) as tmp:
         build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.exists():  # lost a race with nobody: re-raise
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep theirs
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from neuroal.allocation import ALLOCATORS
 from neuroal.errors import NeuroalError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed one-shot pruning of LLMs (NeuroAL).")
@@ -37,11 +36,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 class _Reporter:
-    """Renders driver events: a bar per phase over blocks, one line per λ candidate."""
+    """Renders run events: a bar per phase over blocks, one line per λ candidate."""
 
-    def __init__(self, progress: Progress, n_blocks: int):
+    def __init__(self, progress: Progress):
         self.progress = progress
-        self.n_blocks = n_blocks
+        self.n_blocks = 0
         self.task = None
 
     def phase(self, name: str) -> None:
@@ -50,7 +49,11 @@ class _Reporter:
         self.task = self.progress.add_task(name, total=self.n_blocks)
 
     def __call__(self, event: str, **info) -> None:
-        if event == "phase":
+        if event == "resumed":
+            self.progress.console.print(f"[green]already done:[/] {info['out']} (same spec; pass --overwrite to redo)")
+        elif event == "open":
+            self.n_blocks = info["n_blocks"]
+        elif event == "phase":
             self.phase(info["name"])
         elif event == "block" and self.task is not None:
             self.progress.update(self.task, completed=info["block"] + 1, description=info["kind"])
@@ -60,41 +63,13 @@ class _Reporter:
             self.progress.console.print(f"  {info['step']} λ={info['lam']:.2f}: {state}", highlight=False)
 
 
-def run_prune(spec, *, overwrite: bool = False, quiet: bool = False, store: bool | str | Path = True) -> dict:
-    """Run one prune into its out folder (resuming a finished identical run); returns run.json."""
-    from orchestrator.driver import execute, open_session
-    from orchestrator.runio import RUN_JSON, RunFolder, read_run, write_json_atomic
+def run_with_progress(spec, *, overwrite: bool = False, store: bool | str | Path = True) -> dict:
+    """`orchestrator.run.prune` with a progress bar on the console."""
+    from orchestrator.run import prune as prune_one
 
-    out = Path(spec.out or spec.default_out())
-    previous = read_run(out) if out.exists() else None
-    if previous is not None and previous.get("cell_key") == spec.cell_key() and not overwrite:
-        console.print(f"[green]already done:[/] {out} (same spec; pass --overwrite to redo)")
-        return previous
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise NeuroalError(f"--out: {out} holds another run; choose another folder or pass --overwrite")
     with Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=quiet, transient=True) as bar:
-        partial = out.parent / f".{out.name}.partial-{spec.cell_key()}"
-        session = open_session(spec, resume_dir=partial)
-        try:
-            report = _Reporter(bar, session.n_blocks)
-            for shard in getattr(session.chain, "shards", []):
-                shard.on_block = lambda kind, b: report("block", kind=kind, block=b)
-            with RunFolder(out) as tmp:
-                run = execute(spec, tmp, progress=report, session=session, resume_dir=partial)
-                run["out"] = str(out)
-                write_json_atomic(tmp / RUN_JSON, run)
-                from orchestrator.plots import run_plots
-
-                run_plots(run, tmp)
-        finally:
-            session.close()
-    shutil.rmtree(partial, ignore_errors=True)
-    if store is not False:
-        from orchestrator.store import append_run_rows
-
-        append_run_rows(run, None if store is True else store)
-    return run
+                  console=console, transient=True) as bar:
+        return prune_one(spec, overwrite=overwrite, store=store, progress=_Reporter(bar))
 
 
 def summary_table(run: dict) -> Table:
@@ -123,7 +98,7 @@ def summary_table(run: dict) -> Table:
 def prune(
     model: str = typer.Option("smollm2-135m", help="Hugging Face id, local checkpoint folder, or smollm2-135m"),
     method: str = typer.Option("wanda", help="magnitude, wanda, sparsegpt, multiflow, apt"),
-    top_up: str = typer.Option("uniform", help="uniform, owl, alpha, dsnot, neuroal"),
+    top_up: str = typer.Option("uniform", help=f"{', '.join(ALLOCATORS.names())}"),
     neuroal_step: str = typer.Option("both", help="block, row, both"),
     sparsity: float = typer.Option(0.5, help="fraction of the prunable linears' weights to remove"),
     pattern: str = typer.Option("unstructured", help="unstructured, 2:4, 4:8"),
@@ -162,7 +137,7 @@ def prune(
             shards=shards, gpu_mem=gpu_mem, address=address or os.environ.get("RAY_ADDRESS"), executor=executor,
             dtype=dtype, device=device, early_stop=early_stop,
         )
-        run = run_prune(spec, overwrite=overwrite, store=store or True)
+        run = run_with_progress(spec, overwrite=overwrite, store=store or True)
     except NeuroalError as exc:
         _fail(exc)
     Console().print(summary_table(run))
@@ -190,7 +165,7 @@ def demo(
                               nsamples=nsamples, eval="wikitext2", eval_dense=not rows, data_dir=data_dir,
                               eval_windows=eval_windows, shards=shards, out=f"{out}/wanda-{top_up}-{s:g}",
                               executor=executor)
-            rows.append(run_prune(spec))
+            rows.append(run_with_progress(spec))
     except NeuroalError as exc:
         _fail(exc)
     t = Table(title=f"SmolLM2-135M, Wanda + {top_up}, WikiText-2 perplexity (seqlen {seqlen})")
@@ -204,14 +179,6 @@ def demo(
                   "" if lr is None else f"{lr:.2f}", f"{r['perplexity']['wikitext2']:.2f}",
                   f"{sum(r['timings_s'].get(k, 0) for k in ('allocation', 'prune')):.0f}")
     Console().print(t)
-
-
-def main() -> None:  # pragma: no cover
-    try:
-        app()
-    except NeuroalError as exc:
-        console.print(f"error: {exc}")
-        sys.exit(2)
 
 
 @app.command()
@@ -302,7 +269,7 @@ def plan(
     _setup_logging(False)
     import json
 
-    from orchestrator.plan import load_plan_config, parse_bytes, plan_shards, render_plan
+    from orchestrator.planning import load_plan_config, parse_bytes, plan_shards, render_plan
 
     try:
         cfg = load_plan_config(model)

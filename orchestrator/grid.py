@@ -25,17 +25,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from neuroal.allocation import TOPUPS
-from neuroal.data import DATASETS
+from neuroal.allocation import ALLOCATORS
+from neuroal.data import DATA_VERSION, DATASETS
 from neuroal.errors import NeuroalError, SpecError
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.zeroshot import TASKS as ZEROSHOT_TASKS
-from orchestrator.spec import PruneSpec, build_spec
+from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec
 
 logger = logging.getLogger(__name__)
 RUNS_DIR = "_runs"  # cell run folders inside the store; pyarrow skips "_" paths when reading rows
-
-GRID_VERSION = "1"
 
 
 class Tasks(BaseModel):
@@ -103,7 +101,7 @@ class Grid(BaseModel):
     @field_validator("top_ups")
     @classmethod
     def _top_ups(cls, v):
-        return [TOPUPS.canonical(t) for t in v]
+        return [ALLOCATORS.canonical(t) for t in v]
 
     @field_validator("patterns")
     @classmethod
@@ -177,14 +175,14 @@ class Cell:
 
 
 @dataclass
-class Plan:
+class GridCells:
     cells: list[Cell]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (label, reason)
 
 
-def expand(grid: Grid, store: Path) -> Plan:
+def expand(grid: Grid, store: Path) -> GridCells:
     """Every valid cell of the grid; combinations a prune would reject are skipped with the reason."""
-    plan = Plan(cells=[])
+    plan = GridCells(cells=[])
     seen = set()
     evals = [("perplexity", d) for d in grid.tasks.perplexity] + [("zeroshot", t) for t in grid.tasks.zeroshot]
     for model, method, top_up, sparsity, pattern, seed in itertools.product(
@@ -228,13 +226,13 @@ class TransientError(NeuroalError):
 
 def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
     """Ray task: prune one cell into its run folder (resumes a finished identical run)."""
-    from orchestrator.cli import run_prune
+    from orchestrator.run import prune
 
     spec = PruneSpec(**spec_json)
     if data_dir:
         spec = spec.model_copy(update={"data_dir": data_dir})
     try:
-        return run_prune(spec, quiet=True, store=False)
+        return prune(spec, store=False)
     except MemoryError as exc:
         raise TransientError(f"out of memory pruning {spec.out}") from exc
 
@@ -246,10 +244,10 @@ def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | N
 
     data = resolve_data_dir(data_dir)
     if kind == "perplexity":
-        from orchestrator.driver import open_session, perplexity
+        from orchestrator.evaluate import perplexity
+        from orchestrator.session import open_session
 
-        spec = build_spec(model=run_dir, executor="local")
-        session = open_session(spec)
+        session = open_session(run_dir, executor="local")
         try:
             value, info = perplexity(session, name, seqlen, data, max_windows=eval_windows)
         finally:
@@ -357,4 +355,5 @@ def _failure_row(st: CellState, kind: str, ev) -> dict:
     return {"run_id": "failed", "cell_key": st.cell.key, "model": spec.model, "method": spec.method,
             "top_up": spec.top_up, "sparsity": spec.effective_sparsity, "pattern": spec.pattern, "seed": spec.seed,
             "calibration": spec.calibration, "seqlen": spec.seqlen, "task": f"failed:{kind}:{ev[1] if ev else ''}",
-            "metric": "error", "value": None, "stderr": None, "timestamp": time.time(), "note": st.error}
+            "metric": "error", "value": None, "stderr": None, "timestamp": time.time(), "note": st.error,
+            "data_version": DATA_VERSION, "grid_version": GRID_VERSION}

@@ -1,12 +1,15 @@
 """Push streams through a chain of shards, in-process or on Ray, with the same driver code.
 
-A `Chain` runs a method on shard i and returns a handle; handles of one shard's output are passed
-straight to the next shard (on Ray, as object refs: hidden states go actor to actor, never through
-the driver). `LocalChain` runs calls immediately in this process; `RayChain` (orchestrator.ray_chain)
-submits them to actors, so K streams in flight keep every shard busy.
+A chain calls a `Shard` method by reference on shard i and returns a handle: `chain.call(i,
+Shard.embed, ids)`. Handles of one shard's output are passed straight to the next shard (on Ray, as
+object refs: hidden states go actor to actor, never through the driver). A method marked
+`two_results` returns two handles (hidden states, record). `chain.configure(...)` is a call that
+sets actor state: the one kind of call a chain replays on a restarted actor (the replay policy).
+`LocalChain` runs calls at once in this process; `RayChain` (orchestrator.ray_chain) submits them
+to actors, so K streams in flight keep every shard busy.
 
 >>> from orchestrator.pipeline import LocalChain
->>> class Echo:
+>>> class Echo:  # any object with Shard's method names
 ...     def run(self, task, x, partial): return x + 1, {"seen": x}
 >>> chain = LocalChain([Echo(), Echo()])
 >>> out, records = run_stream(chain, "task", 1)
@@ -21,15 +24,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from orchestrator.shard import Shard
+
 logger = logging.getLogger(__name__)
+
+
+def num_returns(method: Callable) -> int:
+    return getattr(method, "num_returns", 1)
 
 
 class Chain(Protocol):
     n_shards: int
 
-    def call(self, shard: int, method: str, *args) -> Any: ...
+    def call(self, shard: int, method: Callable, *args) -> Any: ...
 
-    def call2(self, shard: int, method: str, *args) -> tuple[Any, Any]: ...
+    def configure(self, shard: int, method: Callable, *args) -> Any: ...
 
     def wait(self, handles: Sequence[Any]) -> list[Any]: ...
 
@@ -46,6 +55,8 @@ class Done:
 class LocalChain:
     """Shards held in this process; every call runs to completion when submitted."""
 
+    parallel = False
+
     def __init__(self, shards: Sequence[Any]):
         self.shards = list(shards)
         self.n_shards = len(self.shards)
@@ -54,19 +65,17 @@ class LocalChain:
     def _resolve(args):
         return [a.value if isinstance(a, Done) else a for a in args]
 
-    def call(self, shard: int, method: str, *args) -> Done:
-        return Done(getattr(self.shards[shard], method)(*self._resolve(args)))
+    def call(self, shard: int, method: Callable, *args):
+        out = getattr(self.shards[shard], method.__name__)(*self._resolve(args))
+        return tuple(Done(v) for v in out) if num_returns(method) > 1 else Done(out)
 
-    def call2(self, shard: int, method: str, *args) -> tuple[Done, Done]:
-        a, b = getattr(self.shards[shard], method)(*self._resolve(args))
-        return Done(a), Done(b)
+    configure = call  # in-process shards never restart: nothing to replay
 
     def wait(self, handles):
         return list(handles)
 
     def get(self, handle):
         return handle.value if isinstance(handle, Done) else handle
-
 
 
 def run_stream(chain, task, hidden) -> tuple[Any, list]:
@@ -77,9 +86,25 @@ def run_stream(chain, task, hidden) -> tuple[Any, list]:
     task_for = task if callable(task) else (lambda _shard: task)
     records = []
     for i in range(chain.n_shards):
-        hidden, rec = chain.call2(i, "run", task_for(i), hidden, 0.0)
+        hidden, rec = chain.call(i, Shard.run, task_for(i), hidden, 0.0)
         records.append(rec)
     return hidden, [chain.get(r) for r in records]
+
+
+def priority_order(values, first) -> list:
+    """`first` then its neighbours alternately outward: likely winners finish first.
+
+    >>> priority_order([1, 2, 3, 4, 5], 3)
+    [3, 4, 2, 5, 1]
+    """
+    values = list(values)
+    i = values.index(first)
+    out = [values[i]]
+    for d in range(1, len(values)):
+        for j in (i + d, i - d):
+            if 0 <= j < len(values):
+                out.append(values[j])
+    return out
 
 
 @dataclass
@@ -116,7 +141,7 @@ def race_streams(
     def submit(st: dict, hidden):
         bound = best if early_stop else float("inf")
         task = task_for(st["key"], st["shard"], bound)
-        st["out"], st["res"] = chain.call2(st["shard"], "run", task, hidden, st["partial"])
+        st["out"], st["res"] = chain.call(st["shard"], Shard.run, task, hidden, st["partial"])
 
     def start_next():
         while waiting and len(active) < max_in_flight:
@@ -128,11 +153,11 @@ def race_streams(
     while active:
         ready = {id(h) for h in chain.wait([st["res"] for st in active])}
         for st in [s for s in active if id(s["res"]) in ready]:
-            run = chain.get(st["res"])
-            st["partial"] = run.partial
-            st["records"].append(run)
+            result = chain.get(st["res"])
+            st["partial"] = result.partial
+            st["records"].append(result)
             st["shard"] += 1
-            if run.stopped_at is not None or (early_stop and st["partial"] > best and st["shard"] < chain.n_shards):
+            if result.stopped_at is not None or (early_stop and st["partial"] > best and st["shard"] < chain.n_shards):
                 active.remove(st)
                 outcomes[st["key"]] = StreamOutcome(st["key"], None, st["partial"], [])
                 logger.debug("stream %s stopped at %.6g > %.6g", st["key"], st["partial"], best)

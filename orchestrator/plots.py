@@ -1,4 +1,4 @@
-"""Plots of one run: NeuroAL score vs λ per step, and the per-block sparsity it chose."""
+"""Plots of one run: the λ search's score per step (when it searched), and the per-block sparsity it chose."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neuroal.allocation.schedule import owl_block_sparsity  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ def lambda_curves(run: dict, path: Path) -> Path | None:
             ax.axvline(best, color="red", ls="--", lw=1, label=f"chosen λ={best:g}")
         ax.set_xlabel("λ")
         ax.set_ylabel("alignment score (lower is better)")
-        ax.set_title(f"NeuroAL {step} step")
+        ax.set_title(f"{run['spec']['top_up']} {step} step")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -48,10 +47,6 @@ def block_sparsity(run: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(x, planned, "o-", label=f"{run['spec']['top_up']} (chosen)")
     ax.axhline(target, color="grey", ls=":", label="uniform")
-    owl = (run.get("allocation_extra") or {}).get("owl_outlier_ratio")
-    if owl and run["spec"]["top_up"] != "owl":
-        ax.plot(x, owl_block_sparsity(owl, target, run["spec"].get("owl_lambda", 0.08)), "s--", ms=3,
-                label="OWL (search windows)")
     ax.set_xlabel("block")
     ax.set_ylabel("sparsity")
     ax.set_title("per-block sparsity")

@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from orchestrator.pipeline import num_returns
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,11 +53,6 @@ def _shard_actor_class():
 
         def ping(self) -> int:
             return os.getpid()
-
-        def peak_rss(self) -> int:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     return ray.remote(ShardActor)
 
@@ -144,28 +141,25 @@ class RayChain:
         return tuple(a.ref if isinstance(a, Handle) else a for a in args)
 
     def _submit(self, call):
-        shard, method, args, n = call
-        fn = getattr(self.actors[shard], method)
+        shard, name, args, n = call
+        fn = getattr(self.actors[shard], name)
         if n > 1:
             fn = fn.options(num_returns=n)
         refs = fn.remote(*self._refs(args))
         return refs if n > 1 else [refs]
 
-    def call(self, shard: int, method: str, *args) -> Handle:
-        if method.startswith("set_"):  # state a restarted actor must be given again
-            self._state[shard].append((method, args))
-        call = (shard, method, args, 1)
-        h = Handle(self._submit(call)[0], call, 0)
-        h.siblings = [h]
-        return h
-
-    def call2(self, shard: int, method: str, *args) -> tuple[Handle, Handle]:
-        call = (shard, method, args, 2)
-        refs = self._submit(call)
-        hs = [Handle(r, call, i) for i, r in enumerate(refs)]
+    def call(self, shard: int, method, *args):
+        """Submit `method` (a `Shard` method) on shard i; one handle, or a tuple for `two_results`."""
+        call = (shard, method.__name__, args, num_returns(method))
+        hs = [Handle(r, call, i) for i, r in enumerate(self._submit(call))]
         for h in hs:
             h.siblings = hs
-        return hs[0], hs[1]
+        return tuple(hs) if len(hs) > 1 else hs[0]
+
+    def configure(self, shard: int, method, *args) -> Handle:
+        """A call that sets actor state: replayed, in order, on a restarted actor (the replay policy)."""
+        self._state[shard].append((method.__name__, args))
+        return self.call(shard, method, *args)
 
     def wait(self, handles):
         import ray
@@ -218,14 +212,14 @@ class RayChain:
         if pid == self._pids[shard]:
             return  # this actor lived; the call failed for a lost input, now recovered
         self._pids[shard] = pid
-        for method, args in self._state[shard]:
-            ray.get(getattr(self.actors[shard], method).remote(*self._refs(args)))
+        for name, args in self._state[shard]:
+            ray.get(getattr(self.actors[shard], name).remote(*self._refs(args)))
         self.recoveries += 1
 
     def peak_rss(self) -> list[int]:
         import ray
 
-        return ray.get([a.peak_rss.remote() for a in self.actors])
+        return [r["peak_rss_bytes"] for r in ray.get([a.report.remote() for a in self.actors])]
 
     def close(self) -> None:
         import ray

@@ -3,7 +3,7 @@
 Tables, one per model (and pattern):
 - perplexity: rows method × top-up, columns sparsity × dataset; the best (lowest) per column in bold;
 - zero-shot: rows method × top-up, columns sparsity × task plus the mean accuracy; best (highest) bold;
-- NeuroAL λ: the chosen block and row λ per cell.
+- chosen λ: the block and row λ of every cell whose top-up searched one (NeuroAL).
 Plots: perplexity vs sparsity per top-up, and accuracy per task.
 """
 
@@ -90,13 +90,13 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
             sections += [f"Zero-shot accuracy ({ACC_METRIC}, higher is better)", "", _md(table, "max", ".4f"), ""]
             files["plots"].append(_plot_acc(acc, out / f"zeroshot-{slug}.png", model))
             sections += [f"![zero-shot accuracy per task]({files['plots'][-1].name})", ""]
-        lam = part[(part["top_up"] == "neuroal") & (part["task"] == "prune")]
+        lam = part[part["lambda_block"].notna() & (part["task"] == "prune")]  # cells whose top-up chose a λ
         if len(lam):
-            t = lam[["method", "sparsity", "lambda_block", "lambda_row", "value"]].rename(
-                columns={"value": "sparsity_actual"}).drop_duplicates().sort_values(["method", "sparsity"])
+            t = lam[["method", "top_up", "sparsity", "lambda_block", "lambda_row", "value"]].rename(
+                columns={"value": "sparsity_actual"}).drop_duplicates().sort_values(["method", "top_up", "sparsity"])
             t.to_csv(out / f"lambdas-{slug}.csv", index=False)
             files["tables"].append(out / f"lambdas-{slug}.csv")
-            sections += ["NeuroAL chosen λ", "", _md(t.set_index(["method", "sparsity"]), None, ".4g"), ""]
+            sections += ["Chosen λ", "", _md(t.set_index(["method", "top_up", "sparsity"]), None, ".4g"), ""]
     md = out / "report.md"
     md.write_text("\n".join(sections))
     files["tables"].insert(0, md)

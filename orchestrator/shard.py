@@ -1,21 +1,18 @@
 """A shard: a contiguous range of decoder blocks (plus embeddings / head at the ends) on one device.
 
 `Shard` is a plain class, testable without Ray; the in-process run holds one (or several) of them
-directly and the Ray path wraps the same class with `ray.remote` (see `pipeline.py`). It loads only
-its own tensors, by name, from the safetensors checkpoint; all math is `neuroal.block`.
-
-Hidden states cross shard boundaries as numpy arrays on the CPU ("wire" form): the object store
-keeps numpy zero-copy, and in-process the conversion shares memory.
+directly and the Ray path wraps the same class with `ray.remote` (`ray_chain.py`). It loads only
+its own tensors, by name, from the safetensors checkpoint; all math is `neuroal.block`, driven per
+block by a stream task (`orchestrator.tasks`). The driver calls its methods by reference
+(`chain.call(i, Shard.embed, ids)`); everything they return is host data (`orchestrator.wire`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,73 +20,21 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from neuroal import block as B
-from neuroal.allocation.ratios import Ratios, to_tensor
-from neuroal.families import apply_head, capture_block_inputs, family_for, get_blocks, linear_shapes
+from neuroal.families import apply_head, block_linears, capture_block_inputs, family_for, get_blocks, linear_shapes
+from neuroal.fileio import atomic_path, write_text_atomic
 from neuroal.models import build_skeleton, load_config, materialize, resolve_model
+from orchestrator.planning import ShardSpec
+from orchestrator.tasks import ShardRun, StreamTask
+from orchestrator.wire import from_wire, pack, to_host, to_wire, unpack
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ShardSpec:
-    index: int
-    n_shards: int
-    first_block: int
-    end_block: int  # exclusive
-    has_embeddings: bool
-    has_head: bool
-
-    @property
-    def blocks(self) -> range:
-        return range(self.first_block, self.end_block)
-
-
-@dataclass(frozen=True)
-class StreamTask:
-    """What a stream asks of every block it passes through.
-
-    kind: "forward" (plain forward), "dense" (dense statistics, e.g. OWL's outlier ratios),
-    "score" (a NeuroAL candidate), "prune" (the final pass: prune in place).
-    """
-
-    kind: str
-    ratios: Ratios | None = None
-    opts: B.PruneOptions | None = None
-    want_alignment: bool = False
-    owl_m: float | None = None
-    stop_above: float = float("inf")  # "score": stop once the running sum exceeds this bound
-
-
-@dataclass
-class ShardRun:
-    """What one shard returns for one stream (small; hidden states travel separately)."""
-
-    records: dict[int, B.BlockResult]
-    partial: float = 0.0  # running sum of the alignment metric, in block then linear order
-    stopped_at: int | None = None  # block after which a "score" stream was stopped by its bound
-
-
-_WIRE_VIEW = {torch.bfloat16: torch.int16}
-
-
-def to_wire(t: Tensor) -> tuple[np.ndarray, str]:
-    t = t.detach().to("cpu")
-    dtype = str(t.dtype).removeprefix("torch.")
-    if t.dtype in _WIRE_VIEW:
-        t = t.view(_WIRE_VIEW[t.dtype])
-    return t.numpy(), dtype
-
-
-def from_wire(wire: tuple[np.ndarray, str], device) -> Tensor:
-    arr, dtype = wire
-    with warnings.catch_warnings():  # object-store arrays are read-only; blocks never write inputs
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(np.asarray(arr))
-    target = getattr(torch, dtype)
-    if target in _WIRE_VIEW:
-        t = t.view(target)
-    return t.to(device)
+def two_results(fn):
+    """Mark a method that returns (hidden states, record): on Ray each is its own object, so the
+    hidden states go straight to the next actor while the driver fetches only the record."""
+    fn.num_returns = 2
+    return fn
 
 
 class Shard:
@@ -159,13 +104,12 @@ class Shard:
         logger.info("shard %d: restored pruned blocks from %s", self.spec.index, self.resume_path)
         return True
 
-    def _write_checkpoint(self) -> None:
+    def write_checkpoint(self) -> None:
+        """Keep this shard's pruned blocks where a restarted actor or a rerun finds them."""
         if self.resume_path is None:
             return
-        self.resume_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.resume_path.with_name(self.resume_path.name + ".tmp")
-        save_file({n: p.detach().cpu().contiguous() for n, p in self._block_tensors().items()}, str(tmp))
-        os.replace(tmp, self.resume_path)
+        with atomic_path(self.resume_path) as tmp:
+            save_file({n: p.detach().cpu().contiguous() for n, p in self._block_tensors().items()}, str(tmp))
 
     def _load_tied_input_embedding(self) -> None:
         """A tied head needs the input embedding matrix on the last shard too."""
@@ -178,23 +122,25 @@ class Shard:
     # ------------------------------------------------------------------ stream entry and exit
 
     def block_kwargs(self, seqlen: int) -> dict:
-        """The keyword arguments every block takes for windows of `seqlen` (first shard only)."""
+        """The keyword arguments every block takes for windows of `seqlen` (first shard only), packed."""
         assert self.spec.has_embeddings
         if seqlen not in self._kwargs:
             ids = torch.zeros(1, seqlen, dtype=torch.long, device=self.device)
             self._kwargs[seqlen] = capture_block_inputs(self.model, self.family, ids).kwargs
-        return {k: (v.cpu() if isinstance(v, Tensor) else tuple(x.cpu() for x in v) if isinstance(v, tuple) else v)
-                for k, v in self._kwargs[seqlen].items()}
+        return pack(self._kwargs[seqlen])
 
     def set_block_kwargs(self, seqlen: int, kwargs: dict) -> None:
-        def move(v):
-            if isinstance(v, Tensor):
-                return v.to(self.device)
-            if isinstance(v, tuple):
-                return tuple(move(x) for x in v)
-            return v
+        """State a restarted actor must be given again (the chain replays `configure` calls)."""
+        self._kwargs[seqlen] = unpack(kwargs, self.device)
 
-        self._kwargs[seqlen] = {k: move(v) for k, v in kwargs.items()}
+    def kwargs_for(self, b: int, hidden: Tensor | None) -> dict:
+        """The kwargs block `b` is called with on these hidden states ({} when there are none)."""
+        if hidden is None:
+            return {}
+        seqlen = hidden.shape[1]
+        if seqlen not in self._kwargs:
+            raise RuntimeError(f"shard {self.spec.index}: block kwargs for seqlen {seqlen} were never set")
+        return self._kwargs[seqlen]
 
     def embed(self, input_ids: Tensor) -> tuple[np.ndarray, str]:
         """Hidden states entering block 0 for token ids [n, seqlen]."""
@@ -221,66 +167,29 @@ class Shard:
 
     # ------------------------------------------------------------------ the unit of work
 
+    @two_results
     @torch.no_grad()
     def run(self, task: StreamTask, wire, partial: float = 0.0) -> tuple[tuple[np.ndarray, str] | None, ShardRun]:
-        """Push one stream through this shard's blocks; returns its output and a `ShardRun`."""
+        """Push one stream through this shard's blocks; returns its output and a host `ShardRun`."""
         t0 = time.perf_counter()
         try:
-            return self._run(task, wire, partial)
+            hidden = from_wire(wire, self.device) if wire is not None else None
+            run = ShardRun(partial=partial)
+            for b in self.spec.blocks:
+                hidden = task.run_block(self, b, hidden, run)
+                if run.stopped_at is not None:
+                    return None, to_host(run)
+                if self.on_block is not None:
+                    self.on_block(type(task).__name__.lower(), b)
+            task.finish(self)
+            return (to_wire(hidden) if hidden is not None else None), to_host(run)
         finally:
             self.busy_seconds += time.perf_counter() - t0
-
-    def _run(self, task: StreamTask, wire, partial: float):
-        hidden = from_wire(wire, self.device) if wire is not None else None
-        seqlen = hidden.shape[1] if hidden is not None else None
-        if hidden is not None and seqlen not in self._kwargs:
-            raise RuntimeError(f"shard {self.spec.index}: block kwargs for seqlen {seqlen} were never set")
-        kwargs = self._kwargs.get(seqlen, {})
-        max_tokens = task.opts.max_tokens if task.opts else B.DEFAULT_MAX_TOKENS
-        run = ShardRun(records={}, partial=partial)
-        for b in self.spec.blocks:
-            block = self.blocks[b]
-            if task.kind == "forward":
-                hidden = B.forward_block(block, hidden, kwargs, max_tokens)
-                continue
-            if task.kind == "dense":
-                hidden, run.records[b] = B.dense_block(block, self.family, hidden, kwargs, owl_m=task.owl_m, max_tokens=max_tokens)
-                if self.on_block is not None:
-                    self.on_block(task.kind, b)
-                continue
-            ratios = {name: to_tensor(r) for name, r in task.ratios[b].items()}
-            if task.kind == "prune" and self.pruned:  # restored from a checkpoint: never re-prune
-                if hidden is not None:
-                    hidden = B.forward_block(block, hidden, kwargs, max_tokens)
-                run.records[b] = B.BlockResult()
-                run.records[b].sparsity, run.records[b].row_sparsity = B.block_sparsity(block, self.family)
-            elif task.kind == "prune":
-                hidden, run.records[b] = B.prune_block(block, self.family, hidden, kwargs, ratios, task.opts)
-            elif task.kind == "score":
-                hidden, rec = B.score_block(
-                    block, self.family, hidden, kwargs, ratios, task.opts, want_alignment=task.want_alignment
-                )
-                run.records[b] = rec
-                for value in rec.metric.values():  # one float at a time: the reference's sum order
-                    run.partial += value
-                if run.partial > task.stop_above:
-                    run.stopped_at = b
-                    return None, run
-            else:
-                raise ValueError(f"unknown stream task {task.kind!r}")
-            if self.on_block is not None:
-                self.on_block(task.kind, b)
-        if task.kind == "prune" and not self.pruned:
-            self._write_checkpoint()
-            self.pruned = True
-        return (to_wire(hidden) if hidden is not None else None), run
 
     # ------------------------------------------------------------------ inspection and output
 
     def block_weights(self) -> dict[int, dict[str, Tensor]]:
-        """The prunable weights of this shard's blocks (tests compare masks across shardings)."""
-        from neuroal.families import block_linears
-
+        """The prunable weights of this shard's blocks, as CPU tensors (tests compare masks)."""
         return {
             b: {n: lin.weight.detach().cpu().clone() for n, lin in block_linears(self.blocks[b], self.family).items()}
             for b in self.spec.blocks
@@ -298,16 +207,19 @@ class Shard:
     def get_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self.shapes)
 
-    def linear_numels(self) -> dict[int, dict[str, int]]:
-        return {b: {n: o * i for n, (o, i) in self.shapes.items()} for b in self.spec.blocks}
+    def report(self) -> dict:
+        """What this shard did (run.json, benchmarks): its blocks, device, seconds and peak memory."""
+        import resource
 
-    def esd_alphas(self) -> dict[int, dict[str, float]]:
-        """AlphaPruning's heavy-tail exponent of every prunable linear of this shard."""
-        from neuroal.allocation.alpha import esd_alpha
-        from neuroal.families import block_linears
+        return {"index": self.spec.index, "blocks": [self.spec.first_block, self.spec.end_block - 1],
+                "device": str(self.device), "load_seconds": round(self.load_seconds, 2),
+                "busy_seconds": round(self.busy_seconds, 3),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
+    def weight_summaries(self, summary: Callable[[Tensor], float]) -> dict[int, dict[str, float]]:
+        """`summary(W)` of every prunable linear of this shard, computed here (e.g. AlphaPruning's α)."""
         return {
-            b: {n: esd_alpha(lin.weight.detach()) for n, lin in block_linears(self.blocks[b], self.family).items()}
+            b: {n: summary(lin.weight.detach()) for n, lin in block_linears(self.blocks[b], self.family).items()}
             for b in self.spec.blocks
         }
 
@@ -328,22 +240,13 @@ class Shard:
             if tied and params[name] is out_emb.weight and name != self._input_embedding_name():
                 continue
             state[name] = params[name].detach().to("cpu").contiguous()
-        tmp = folder / (fname + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / fname)
+        with atomic_path(folder / fname) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
         return {name: fname for name in state}
 
     def _input_embedding_name(self) -> str:
         emb = self.model.get_input_embeddings().weight
         return next(n for n, p in self.model.named_parameters(remove_duplicate=False) if p is emb)
-
-    def summary(self) -> dict:
-        import resource
-
-        return {"index": self.spec.index, "blocks": [self.spec.first_block, self.spec.end_block - 1],
-                "load_seconds": round(self.load_seconds, 2), "busy_seconds": round(self.busy_seconds, 3),
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "device": str(self.device)}
 
 
 def write_index(folder: Path, weight_maps: list[dict[str, str]], total_bytes: int) -> None:
@@ -351,4 +254,4 @@ def write_index(folder: Path, weight_maps: list[dict[str, str]], total_bytes: in
     for m in weight_maps:
         weight_map.update(m)
     index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2))

@@ -11,15 +11,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from neuroal.allocation import TOPUPS
+from neuroal.allocation import ALLOCATORS, check_nm
+from neuroal.allocation.neuroal import STEPS
 from neuroal.data import DATASETS
 from neuroal.errors import SpecError
 from neuroal.methods import METHODS, PATTERNS, parse_pattern
+from neuroal.refiners import REFINERS
 
-STEPS = ("block", "row", "both")
+GRID_VERSION = "1"  # bump when what a cell key covers changes; recorded with every result
+
+
+def _knob_fields() -> tuple[str, ...]:
+    """The spec fields every registered allocator and refiner reads (they change the result)."""
+    classes = [ALLOCATORS.get(n) for n in ALLOCATORS.names()] + [REFINERS.get(n) for n in REFINERS.names()]
+    return tuple(dict.fromkeys(f for c in classes for f in c.knobs.values()))
+
+
 # PruneSpec fields besides the grid axes that change the pruned model (not where or how fast it ran)
-RESULT_KNOBS = ("blocksize", "percdamp", "owl_m", "owl_lambda", "alpha_epsilon", "dsnot_cycles", "dsnot_threshold",
-                "dsnot_same_sign", "dsnot_skip_mlp", "search_windows", "dtype")
+RESULT_KNOBS = ("blocksize", "percdamp", "dtype", *_knob_fields())
 
 
 def _name_list(v) -> tuple[str, ...]:
@@ -82,7 +91,7 @@ class PruneSpec(BaseModel):
     @field_validator("top_up")
     @classmethod
     def _top_up(cls, v: str) -> str:
-        return TOPUPS.canonical(v)
+        return ALLOCATORS.canonical(v)
 
     @field_validator("sparsity")
     @classmethod
@@ -128,20 +137,18 @@ class PruneSpec(BaseModel):
     def _combinations(self) -> PruneSpec:
         pattern = parse_pattern(self.pattern)
         method = METHODS.get(self.method)
-        top_up = TOPUPS.get(self.top_up)
+        allocator = ALLOCATORS.get(self.top_up)
         if pattern is not None:
             if abs(self.sparsity - pattern.sparsity) > 1e-9 and "sparsity" in self.model_fields_set:
                 raise SpecError("--sparsity", self.sparsity, f"{pattern.sparsity} with --pattern {pattern} (or leave it out)")
-            if not top_up.supports_nm:
-                allowed = [t for t in TOPUPS.names() if TOPUPS.get(t).supports_nm]
-                raise SpecError("--top-up", self.top_up, f"{', '.join(allowed)} with an N:M --pattern (it fixes every layer at N/M)")
+            check_nm(self.top_up)
         if self.granularity == "layer" and method.solver is not None:
             raise SpecError("--granularity", "layer", f"row with --method {self.method} (its solver chooses the mask)")
-        if self.top_up == "neuroal":
-            if self.neuroal_step == "row" and method.solver is not None and "neuroal_step" in self.model_fields_set:
-                raise SpecError("--neuroal-step", "row", f"block with --method {self.method} (as the reference, block step only)")
-            if self.nsamples < self.search_windows:
-                raise SpecError("--nsamples", self.nsamples, f"at least --search-windows ({self.search_windows}) for NeuroAL")
+        fields = self.model_dump()
+        allocator.check(fields, set(self.model_fields_set))
+        windows = allocator.from_fields(fields).evidence_windows
+        if windows is not None and self.nsamples < windows:
+            raise SpecError("--nsamples", self.nsamples, f"at least --search-windows ({windows}) for --top-up {self.top_up}")
         return self
 
     @property
@@ -185,4 +192,4 @@ def build_spec(**kwargs) -> PruneSpec:
         raise SpecError(field, err.get("input"), err["msg"]) from None
 
 
-__all__ = ["PruneSpec", "build_spec", "STEPS", "PATTERNS"]
+__all__ = ["PruneSpec", "build_spec", "STEPS", "PATTERNS", "GRID_VERSION", "RESULT_KNOBS"]

@@ -21,6 +21,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from neuroal.data import DATA_VERSION
+from neuroal.fileio import atomic_path
+from orchestrator.spec import GRID_VERSION
+
 logger = logging.getLogger(__name__)
 
 STORE_ENV = "NEUROAL_STORE"
@@ -48,7 +52,8 @@ SCHEMA = pa.schema(
         ("wall_s", pa.float64()),
         ("host", pa.string()),
         ("versions", pa.string()),
-        ("data_version", pa.string()),
+        ("data_version", pa.string()),  # neuroal.data.DATA_VERSION: the calibration/evaluation protocol
+        ("grid_version", pa.string()),  # orchestrator.spec.GRID_VERSION: what a cell key covers
         ("timestamp", pa.float64()),
         ("note", pa.string()),  # why a row failed, or what was special about it
     ]
@@ -104,9 +109,8 @@ def append_rows(folder: str | Path, rows: list[dict]) -> int:
         return 0
     table = pa.Table.from_pylist(fresh, schema=SCHEMA)
     name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)
+    with atomic_path(folder / name) as tmp:
+        pq.write_table(table, tmp)
     return len(fresh)
 
 
@@ -130,7 +134,8 @@ def run_rows(run: dict, *, run_id: str | None = None) -> list[dict]:
         "wall_s": float(sum(run.get("timings_s", {}).values())),
         "host": run.get("host") or socket.gethostname(),
         "versions": json.dumps(run.get("versions", {}), sort_keys=True),
-        "data_version": run.get("data_version", "1"),
+        "data_version": run.get("data_version", DATA_VERSION),
+        "grid_version": run.get("grid_version", GRID_VERSION),
         "timestamp": time.time(),
     }
     rows = [dict(base, task="prune", metric="sparsity_actual", value=run.get("sparsity_actual"), stderr=None)]

@@ -15,12 +15,15 @@ Reference: eliacunegatti/NeuroAL ``sparsity_distribution.py`` (``net_esd_estimat
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from neuroal.allocation import ratios as R
+from neuroal.allocation.base import ALLOCATORS, Allocation, AllocationProblem, Allocator, Evidence
 
 logger = logging.getLogger(__name__)
 
@@ -281,3 +284,29 @@ def alpha_ratios(
             sparsity, epsilon, CLIP_LOW, CLIP_HIGH, achieved, sparsity,
         )
     return ratios.tolist()
+
+
+@ALLOCATORS.register("alpha")
+@dataclass(frozen=True)
+class AlphaPruning(Allocator):
+    """AlphaPruning: `neuroal prune --top-up alpha` (grid knob `alpha_epsilon`, 0.3)."""
+
+    epsilon: float = 0.3
+
+    evidence = Evidence.WEIGHTS
+    knobs = {"epsilon": "alpha_epsilon"}
+    summary = "AlphaPruning: block sparsity from the ESD heavy-tail exponent (ε=0.3)"
+
+    def weight_summary(self, W: Tensor) -> float:
+        return esd_alpha(W)
+
+    def allocate(self, problem: AllocationProblem, evidence: Mapping[int, Mapping[str, float]]) -> Allocation:
+        flat, block_of, numels = [], [], []
+        for b in range(problem.n_blocks):
+            for name in problem.linears:
+                out, inp = problem.shapes[name]
+                flat.append(evidence[b][name])
+                block_of.append(b)
+                numels.append(out * inp)
+        values = alpha_ratios(flat, block_of, numels, problem.sparsity, self.epsilon)
+        return Allocation(R.per_linear(values, problem.n_blocks, problem.linears), extra={"esd_alpha": flat})

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from neuroal.errors import SingularHessianError, SpecError
-from neuroal.solvers.hessian import prepare
+from neuroal.solvers.hessian import damped, prepare
 from neuroal.solvers.sparsegpt import _block_mask
 
 logger = logging.getLogger(__name__)
@@ -92,11 +92,7 @@ def _patterns(m: int, n: int, device) -> Tensor:
 
 def _check_inverse(H: Tensor, U: Tensor, percdamp: float) -> None:
     """Raise if UᵀU is not an inverse of the damped H (numerically singular H that fp32 let through)."""
-    H = H.to(U.dtype).clone()  # [in, in], damped exactly as prepare() does
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    idx = torch.arange(H.shape[0], device=H.device)
-    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    H, _ = damped(H, percdamp, U.dtype)  # [in, in], damped exactly as prepare() does
     gen = torch.Generator(device="cpu").manual_seed(0)  # fixed probe: deterministic verdicts
     V = torch.randn(H.shape[0], _PROBE_VECTORS, generator=gen).to(device=U.device, dtype=U.dtype)  # [in, k]
     R = H @ (U.T @ (U @ V)) - V
@@ -229,16 +225,8 @@ def apt_prune(
 ) -> Tensor:
     """Prune and reconstruct one linear layer with exact multi-weight (group OBS) updates.
 
-    Args:
-        W: [out, in] weights.
-        H: [in, in] Hessian 2XᵀX/n of the layer inputs.
-        sparsity: fraction to remove (float), or per-row fractions [out]; ignored for N:M.
-        prunen, prunem: N:M pattern (prune N of every M consecutive inputs); 0 for unstructured.
-        blocksize: columns per block (for N:M rounded down to a multiple of M, at least M).
-        percdamp: Hessian damping as a fraction of its mean diagonal.
-
-    Returns:
-        The new [out, in] weights in W's dtype, with exact zeros where pruned.
+    Arguments and result as `neuroal.solvers.sparsegpt.sparsegpt_prune`, except that for N:M the
+    blocksize is rounded down to a multiple of M (at least M), so groups never straddle blocks.
 
     Raises:
         SingularHessianError: H is singular even after damping (W is not modified).

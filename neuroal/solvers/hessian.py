@@ -16,6 +16,17 @@ from neuroal.errors import SingularHessianError
 SOLVE_DTYPE = torch.float32
 
 
+def damped(H: Tensor, percdamp: float, dtype: torch.dtype = SOLVE_DTYPE) -> tuple[Tensor, Tensor]:
+    """(H with dead channels set to 1 and percdamp · mean(diag) added to the diagonal, dead [in] mask)."""
+    H = H.to(dtype).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(H))
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += damp
+    return H, dead
+
+
 def prepare(W: Tensor, H: Tensor, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
     """Return (W with dead columns zeroed, U) with U the upper Cholesky factor of (H + damp·I)⁻¹.
 
@@ -28,13 +39,8 @@ def prepare(W: Tensor, H: Tensor, percdamp: float = 0.01) -> tuple[Tensor, Tenso
         SingularHessianError: H is not positive definite even after damping.
     """
     W = W.to(SOLVE_DTYPE).clone()
-    H = H.to(SOLVE_DTYPE).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H, dead = damped(H, percdamp)
     W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(H.shape[0], device=H.device)
-    H[idx, idx] += damp
     L, info = torch.linalg.cholesky_ex(H)
     if info.item() != 0:
         raise SingularHessianError(

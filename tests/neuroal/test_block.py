@@ -5,6 +5,7 @@ import torch
 
 from neuroal import block as B
 from neuroal import stats as S
+from neuroal.allocation.owl import OWL
 from neuroal.families import block_linears, capture_block_inputs, get_blocks
 from neuroal.methods import METHODS, Pattern, prune_linear
 from neuroal.models import load_full
@@ -121,12 +122,14 @@ def test_alignment_metric_by_hand():
 
 def test_owl_outlier_ratio_by_hand(llama):
     block, family, inputs = _fresh_block(llama)
-    out, rec = B.dense_block(block, family, inputs.hidden, inputs.kwargs, owl_m=5.0)
+    owl = OWL(m=5.0)
+    out, rec = B.dense_block(block, family, inputs.hidden, inputs.kwargs, kinds=owl.stats_kinds,
+                             summary=owl.block_summary)
     linears = block_linears(block, family)
     with S.collect(linears, frozenset({S.NORMS})) as st:
         B.forward_block(block, inputs.hidden, inputs.kwargs)
     scores = torch.cat([(l.weight.abs() * st[n].norms).flatten() for n, l in linears.items()])
-    assert rec.outlier_ratio == pytest.approx(100 * (scores > 5 * scores.mean()).float().mean().item())
+    assert rec.summary == pytest.approx(100 * (scores > 5 * scores.mean()).float().mean().item())
 
 
 def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude():

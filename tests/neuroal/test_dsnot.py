@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuroal.allocation.dsnot import dsnot_mask, dsnot_nm_mask, reorder_for_pruning
+from neuroal.refiners.dsnot import dsnot_mask, dsnot_nm_mask, reorder_for_pruning
 
 # ------------------------------------------------------------------------------------- helpers
 

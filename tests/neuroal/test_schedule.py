@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from neuroal.allocation import ratios as R
+from neuroal.allocation.neuroal import row_ratios
 from neuroal.allocation.schedule import (
     block_lambdas, neuroal_block_sparsity, neuroal_row_sparsity, owl_block_sparsity, row_lambdas,
 )
@@ -78,7 +79,7 @@ def test_neuroal_rows_maps_consumers_to_producers():
     base = R.uniform(2, fam.linears, 0.5)
     r = {n: torch.arange(4, dtype=torch.float32) * (i + 1) for i, n in enumerate(fam.linears)}
     align = {0: r, 1: {n: torch.flip(v, [0]) for n, v in r.items()}}
-    ratios, notes = R.neuroal_rows(fam, shapes, base, align, 0.1)
+    ratios, notes = row_ratios(fam, shapes, base, align, 0.1)
     expect_up = neuroal_row_sparsity(r["mlp.down_proj"].numpy(), 0.5, 0.1)
     assert np.allclose(ratios[0]["mlp.up_proj"], expect_up) and np.allclose(ratios[0]["mlp.gate_proj"], expect_up)
     assert np.allclose(ratios[0]["self_attn.v_proj"], neuroal_row_sparsity(r["self_attn.o_proj"].numpy(), 0.5, 0.1))

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from neuroal.families import family_for
-from orchestrator.cli import run_prune
+from orchestrator.run import prune
 from orchestrator.spec import build_spec
 from orchestrator.store import read_store
 
@@ -25,7 +25,7 @@ def _spec(tmp_path, model, shared_data, **kw):
 def test_every_family_prunes_to_target_and_reloads(family, tiny_dirs, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     spec = _spec(tmp_path, tiny_dirs[family], shared_data, method="wanda", sparsity=0.5)
-    run = run_prune(spec, quiet=True)
+    run = prune(spec)
     assert run["sparsity_actual"] == pytest.approx(0.5, abs=0.01)
     out = tmp_path / "run"
     assert json.loads((out / "run.json").read_text())["cell_key"] == spec.cell_key()
@@ -47,9 +47,9 @@ def test_every_family_prunes_to_target_and_reloads(family, tiny_dirs, shared_dat
 
 def test_reload_gives_the_same_perplexity(tiny_dirs, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
-    run = run_prune(_spec(tmp_path, tiny_dirs["llama"], shared_data, method="sparsegpt", sparsity=0.6), quiet=True)
-    again = run_prune(_spec(tmp_path / "re", tmp_path / "run", shared_data, method="magnitude", sparsity=0.01,
-                            eval="wikitext2"), quiet=True)
+    run = prune(_spec(tmp_path, tiny_dirs["llama"], shared_data, method="sparsegpt", sparsity=0.6))
+    again = prune(_spec(tmp_path / "re", tmp_path / "run", shared_data, method="magnitude", sparsity=0.01,
+                            eval="wikitext2"))
     # the reloaded checkpoint pruned again at 1% by magnitude only removes already-zero weights
     assert again["perplexity"]["wikitext2"] == pytest.approx(run["perplexity"]["wikitext2"], rel=1e-5)
 
@@ -57,13 +57,13 @@ def test_reload_gives_the_same_perplexity(tiny_dirs, shared_data, tmp_path, monk
 def test_rerun_resumes_and_store_has_no_duplicates(tiny_dirs, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     spec = _spec(tmp_path, tiny_dirs["llama"], shared_data)
-    first = run_prune(spec, quiet=True)
+    first = prune(spec)
     mtime = (tmp_path / "run" / "run.json").stat().st_mtime
-    second = run_prune(spec, quiet=True)
+    second = prune(spec)
     assert second == first and (tmp_path / "run" / "run.json").stat().st_mtime == mtime
     assert read_store(tmp_path / "store").table.num_rows == 2
     with pytest.raises(Exception, match="holds another run"):
-        run_prune(_spec(tmp_path, tiny_dirs["llama"], shared_data, sparsity=0.6), quiet=True)
+        prune(_spec(tmp_path, tiny_dirs["llama"], shared_data, sparsity=0.6))
 
 
 @pytest.mark.parametrize("top_up", ["uniform", "owl", "alpha", "dsnot", "neuroal"])
@@ -72,7 +72,7 @@ def test_every_top_up_with_every_method(top_up, method, tiny_dirs, shared_data, 
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     spec = _spec(tmp_path, tiny_dirs["llama_gqa"], shared_data, method=method, top_up=top_up, sparsity=0.6,
                  nsamples=8, eval="")
-    run = run_prune(spec, quiet=True)
+    run = prune(spec)
     assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.04)
     if top_up == "neuroal":
         assert run["lambda_block"] is not None
@@ -88,7 +88,7 @@ def test_every_top_up_with_every_method(top_up, method, tiny_dirs, shared_data, 
 def test_nm_patterns(pattern, top_up, tiny_dirs, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     spec = _spec(tmp_path, tiny_dirs["llama"], shared_data, method="wanda", top_up=top_up, pattern=pattern, eval="")
-    run = run_prune(spec, quiet=True)
+    run = prune(spec)
     assert run["sparsity_actual"] == pytest.approx(0.5, abs=1e-9)
 
 
@@ -97,7 +97,7 @@ def test_mamba_runs_every_solver_and_the_neuroal_block_step(method, tiny_dirs, s
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     spec = _spec(tmp_path, tiny_dirs["mamba"], shared_data, method=method, top_up="neuroal", sparsity=0.6, eval="",
                  nsamples=8)
-    run = run_prune(spec, quiet=True)
+    run = prune(spec)
     assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.03)
     assert run["lambda_block"] is not None and run["lambda_row"] is None
     assert any("block step only" in n for n in run["notes"])
@@ -106,7 +106,7 @@ def test_mamba_runs_every_solver_and_the_neuroal_block_step(method, tiny_dirs, s
 def test_prune_with_zeroshot_writes_rows(tiny_dirs, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     spec = _spec(tmp_path, tiny_dirs["llama"], shared_data, zeroshot="arc_easy", zeroshot_limit=4, eval="")
-    run = run_prune(spec, quiet=True)
+    run = prune(spec)
     assert {(r["task"], r["metric"]) for r in run["zeroshot"]} == {("arc_easy", "acc"), ("arc_easy", "acc_norm")}
     rows = read_store(tmp_path / "store").table.to_pylist()
     assert {(r["task"], r["metric"]) for r in rows} >= {("arc_easy", "acc"), ("arc_easy", "acc_norm")}

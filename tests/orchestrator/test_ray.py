@@ -4,9 +4,9 @@ import pytest
 import ray
 import torch
 
-from orchestrator import driver
-from orchestrator.driver import execute, open_session
 from orchestrator.ray_chain import RayChain
+from orchestrator.run import execute, session_for
+from orchestrator.shard import Shard
 from orchestrator.spec import build_spec
 
 pytestmark = pytest.mark.ray
@@ -27,12 +27,12 @@ def _spec(model, shared_data, out, **kw):
 
 
 def _run(spec, out, resume_dir=None):
-    session = open_session(spec, resume_dir=resume_dir)
+    session = session_for(spec, resume_dir=resume_dir)
     try:
         run = execute(spec, out, session=session, resume_dir=resume_dir)
         weights = {}
         for i in range(session.chain.n_shards):
-            weights.update(session.chain.get(session.chain.call(i, "block_weights")))
+            weights.update(session.chain.get(session.chain.call(i, Shard.block_weights)))
         recoveries = getattr(session.chain, "recoveries", 0)
     finally:
         session.close()
@@ -66,11 +66,11 @@ def test_ray_shards_equal_the_in_process_run(shards, ray_local, reference, tiny_
 class _Killer(RayChain):
     """Kills one actor right after the n-th `run` call was submitted to it."""
 
-    kill_shard, kill_at, method = 1, 5, "run"
+    kill_shard, kill_at = 1, 5
 
-    def call2(self, shard, method, *args):
-        out = super().call2(shard, method, *args)
-        if shard == self.kill_shard and method == self.method:
+    def call(self, shard, method, *args):
+        out = super().call(shard, method, *args)
+        if shard == self.kill_shard and method is Shard.run:
             self.kill_at -= 1
             if self.kill_at == 0:
                 ray.kill(self.actors[shard], no_restart=False)
@@ -91,7 +91,7 @@ class _KillAfterPrune(RayChain):
     """Kills shard 0 when the driver asks it to save, i.e. after its blocks were pruned."""
 
     def call(self, shard, method, *args):
-        if shard == 0 and method == "save" and not getattr(self, "_killed", False):
+        if shard == 0 and method is Shard.save and not getattr(self, "_killed", False):
             self._killed = True
             ray.kill(self.actors[0], no_restart=False)
         return super().call(shard, method, *args)
@@ -102,12 +102,9 @@ class _KillUpstreamInEval(RayChain):
     calls already wait on the lost output, and the driver only asks for the last shard's result."""
 
     def call(self, shard, method, *args):
-        self._saved = getattr(self, "_saved", False) or method == "save"
-        return super().call(shard, method, *args)
-
-    def call2(self, shard, method, *args):
-        out = super().call2(shard, method, *args)
-        if shard == 0 and method == "run" and self._saved and not getattr(self, "_killed", False):
+        self._saved = getattr(self, "_saved", False) or method is Shard.save
+        out = super().call(shard, method, *args)
+        if shard == 0 and method is Shard.run and self._saved and not getattr(self, "_killed", False):
             self._killed = True
             ray.kill(self.actors[0], no_restart=False)
         return out

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from orchestrator.driver import execute, open_session
+from orchestrator.run import execute, session_for
+from orchestrator.shard import Shard
 from orchestrator.spec import build_spec
 
 pytestmark = pytest.mark.slow
@@ -65,12 +66,12 @@ def test_two_ray_shards_equal_one_process_on_smollm2(shared_data, tmp_path):
     def masks(executor, shards):
         spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=32,
                           nsamples=8, executor=executor, shards=shards, data_dir=str(shared_data), out=str(tmp_path))
-        session = open_session(spec)
+        session = session_for(spec)
         try:
             run = execute(spec, tmp_path / f"{executor}{shards}", session=session)
             w = {}
             for i in range(session.chain.n_shards):
-                w.update(session.chain.get(session.chain.call(i, "block_weights")))
+                w.update(session.chain.get(session.chain.call(i, Shard.block_weights)))
         finally:
             session.close()
         return run, w
@@ -111,11 +112,11 @@ def test_actor_memory_stays_within_its_shard(shared_data, tmp_path):
         base = ray.get(ray.remote(baseline_worker).remote())
         spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=64, nsamples=8,
                           executor="ray", shards=3, data_dir=str(shared_data), out=str(tmp_path))
-        session = open_session(spec)
+        session = session_for(spec)
         try:
             execute(spec, tmp_path / "run", session=session)
             chain = session.chain
-            held = [chain.get(chain.call(i, "loaded_bytes")) for i in range(3)]
+            held = [chain.get(chain.call(i, Shard.loaded_bytes)) for i in range(3)]
             peaks = chain.peak_rss()
         finally:
             session.close()

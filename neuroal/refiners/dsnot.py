@@ -56,9 +56,14 @@ Where the reference misbehaves, and what this module does:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from neuroal.refiners.base import REFINERS, Refiner
+from neuroal.scores import wanda
+from neuroal.stats import MOMENTS, NORMS
 
 logger = logging.getLogger(__name__)
 
@@ -298,23 +303,39 @@ def initial_metric(W: Tensor, stats, method) -> Tensor:
     return W32**2 / torch.diag(U).reshape(1, -1) ** 2
 
 
-@torch.no_grad()
-def dsnot_prune(W: Tensor, stats, ratio: float, method, *, pattern=None, refine: bool = True, options=None) -> Tensor:
-    """New weights: DSnoT's mask (or, with `refine=False`, only its initial mask) applied to W.
+@REFINERS.register("dsnot")
+@dataclass(frozen=True)
+class DSnoT(Refiner):
+    """DSnoT on top of the base method's mask: `neuroal prune --top-up dsnot` (grid knobs `dsnot_*`).
 
-    Args:
-        stats: a `neuroal.stats.LinearStats` with norms and moments (and the Hessian for solvers).
-        options: a `neuroal.block.DSnoTOptions` (cycles, threshold, variance power, same-sign).
+    Attributes:
+        max_cycles, update_threshold, pow_of_var_regrowing: the reference's defaults (50, 0.1, 1).
+        same_sign: the DSnoT paper's rule, which the reference code never applies (see above).
+        skip_mlp: the reference refines attention linears only; MLP linears get the initial mask.
     """
-    if isinstance(ratio, Tensor):
-        raise ValueError("DSnoT takes one sparsity per layer, not per-row ratios")
-    metric = initial_metric(W, stats, method)
-    cycles = options.max_cycles if refine else 0
-    kw = dict(max_cycles=cycles, update_threshold=options.update_threshold,
-              pow_of_var_regrowing=options.pow_of_var_regrowing)
-    if pattern is not None:
-        mask = dsnot_nm_mask(W, metric, stats.mean_x, stats.var_x, pattern.n, pattern.m, **kw)
-    else:
-        wanda = W.abs().to(torch.float32) * stats.norms.reshape(1, -1)
-        mask = dsnot_mask(W, metric, wanda, stats.mean_x, stats.var_x, float(ratio), same_sign=options.same_sign, **kw)
-    return W.masked_fill(mask, 0)
+
+    max_cycles: int = 50
+    update_threshold: float = 0.1
+    pow_of_var_regrowing: float = 1.0
+    same_sign: bool = False
+    skip_mlp: bool = True
+
+    needs = frozenset({NORMS, MOMENTS})
+    knobs = {"max_cycles": "dsnot_cycles", "update_threshold": "dsnot_threshold", "same_sign": "dsnot_same_sign",
+             "skip_mlp": "dsnot_skip_mlp"}
+
+    @torch.no_grad()
+    def prune(self, W: Tensor, stats, ratio, method, *, pattern=None, is_mlp: bool = False) -> Tensor:
+        """New weights: DSnoT's mask (only its initial mask on a skipped MLP linear) applied to W."""
+        if isinstance(ratio, Tensor):
+            raise ValueError("DSnoT takes one sparsity per layer, not per-row ratios")
+        metric = initial_metric(W, stats, method)
+        cycles = 0 if (self.skip_mlp and is_mlp) else self.max_cycles
+        kw = dict(max_cycles=cycles, update_threshold=self.update_threshold,
+                  pow_of_var_regrowing=self.pow_of_var_regrowing)
+        if pattern is not None:
+            mask = dsnot_nm_mask(W, metric, stats.mean_x, stats.var_x, pattern.n, pattern.m, **kw)
+        else:
+            mask = dsnot_mask(W, metric, wanda(W, stats), stats.mean_x, stats.var_x, float(ratio),
+                              same_sign=self.same_sign, **kw)
+        return W.masked_fill(mask, 0)

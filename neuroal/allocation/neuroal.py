@@ -1,0 +1,187 @@
+"""NeuroAL (arXiv 2411.07066): its candidates, its protocol and its choice of λ, in pure code.
+
+Reference: eliacunegatti/NeuroAL `sparsity_distribution.get_neuroal_sparsity_distribution`,
+`lib/neuroal.py`. The orchestrator only scores the candidates it is handed (a `CandidateScorer`:
+each candidate streams the search windows through the model, every block runs
+`neuroal.block.score_block`, the score is the sum of the per-linear alignment metrics).
+
+- Block step: one candidate per λ of `block_lambdas(s)`, a linear ramp [s − λ, s + λ] rising with
+  depth; the lowest score wins, ties to the first λ in the reference's order (`choose`).
+- Row step, on top of the best block λ: per-row ratios from that candidate's activation change
+  (`row_ratios`), λ ∈ {0} ∪ the block set, scored and chosen the same way.
+- SparseGPT/APT (solver methods) run the block step only, as the reference; so do families without
+  a producer→consumer map (Mamba). `steps` says which steps run and why.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from neuroal.allocation import ratios as R
+from neuroal.allocation.base import (
+    ALLOCATORS,
+    Allocation,
+    AllocationProblem,
+    Allocator,
+    CandidateScore,
+    CandidateScorer,
+    Evidence,
+)
+from neuroal.allocation.schedule import block_lambdas, neuroal_block_sparsity, neuroal_row_sparsity, row_lambdas
+from neuroal.errors import SpecError
+from neuroal.families import Family, row_groups
+from neuroal.methods import METHODS, Method
+
+STEPS = ("block", "row", "both")
+# the candidate started first (then its neighbours outward): a likely winner finishing early lets
+# the exact early stop drop more losers; it never changes the choice
+BLOCK_FIRST, ROW_FIRST = 0.08, 0.0
+
+
+@dataclass(frozen=True)
+class Steps:
+    block: bool
+    row: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "both" if self.block and self.row else "block" if self.block else "row"
+
+
+def steps(requested: str, method: Method, family: Family) -> Steps:
+    """Which steps run: the request, less the row step where the reference does not run it."""
+    block, row = requested in ("block", "both"), requested in ("row", "both")
+    if row and method.solver is not None:
+        return Steps(True, False, (f"{method.name}: NeuroAL runs the block step only, as the reference code",))
+    if row and not family.has_row_step:
+        return Steps(True, False, (f"{family.name}: no producer/consumer map, NeuroAL runs the block step only",))
+    return Steps(block, row)
+
+
+def block_candidates(n_blocks: int, sparsity: float, linears: Sequence[str], lambdas=None) -> dict[float, R.Ratios]:
+    """λ -> per-block ratios of the block step, in the reference's λ order."""
+    lambdas = block_lambdas(sparsity) if lambdas is None else lambdas
+    return {lam: R.per_block(neuroal_block_sparsity(n_blocks, sparsity, lam), linears) for lam in lambdas}
+
+
+def row_ratios(
+    family: Family,
+    shapes: Mapping[str, tuple[int, int]],
+    base: R.Ratios,
+    alignment: Mapping[int, Mapping[str, np.ndarray]],
+    lam: float,
+) -> tuple[R.Ratios, list[str]]:
+    """NeuroAL row step (reference `get_distribution_row`) for one λ.
+
+    Each producer's rows get sparsities from its consumer's activation change r = a^d − a^s
+    (measured at the best block λ). Every ratio is returned per row, including the uniform ones
+    (last block, all-zero r, grouped-query q/k/v), because the reference prunes all of them in
+    its per-row "neuron" mode.
+
+    Returns:
+        (ratios, notes): notes lists the producers kept at the block ratio by the width rule.
+    """
+    n_blocks = len(base)
+    out: R.Ratios = {}
+    kept_names: set[str] = set()
+    for b in range(n_blocks):
+        rows = {name: np.full(shapes[name][0], float(base[b][name])) for name in family.linears}
+        if b < n_blocks - 1:
+            groups, kept = row_groups(family, shapes, has_next=True)
+            kept_names.update(kept)
+            for consumer, producers in groups:
+                if consumer.startswith("next:"):
+                    r = alignment[b + 1][consumer[5:]]
+                else:
+                    r = alignment[b][consumer]
+                r = np.asarray(r, dtype=np.float64)
+                for p in producers:
+                    rows[p] = neuroal_row_sparsity(r, float(base[b][p]), lam)
+        out[b] = rows
+    notes = [f"{p} keeps its block ratio (rows differ from the consumer's width)" for p in sorted(kept_names)]
+    return out, notes
+
+
+def row_candidates(family, shapes, base: R.Ratios, alignment) -> tuple[dict[float, R.Ratios], list[str]]:
+    """λ -> per-row ratios of the row step, and the width-rule notes (the same for every λ)."""
+    candidates, notes = {}, []
+    for lam in row_lambdas():
+        candidates[lam], notes = row_ratios(family, shapes, base, alignment, lam)
+    return candidates, notes
+
+
+def choose(scores: Mapping[float, CandidateScore], lambdas: Sequence[float]) -> float:
+    """The λ of the lowest finished score; ties go to the first λ in `lambdas` (the reference's order)."""
+    finished = [(scores[lam].total, k, lam) for k, lam in enumerate(lambdas) if scores[lam].total is not None]
+    return min(finished)[2]
+
+
+def curve(scores: Mapping[float, CandidateScore], lambdas: Sequence[float]) -> list[dict]:
+    """Score per λ for run.json and the plot; `complete` is False for a candidate stopped early."""
+    return [{"lambda": lam, "score": scores[lam].partial, "complete": scores[lam].total is not None} for lam in lambdas]
+
+
+@ALLOCATORS.register("neuroal")
+@dataclass(frozen=True)
+class NeuroAL(Allocator):
+    """NeuroAL: `neuroal prune --top-up neuroal --neuroal-step both` (grid knob `search_windows`, 8).
+
+    The search runs on the first `windows` calibration windows (the reference's 8 of its 128).
+    """
+
+    step: str = "both"
+    windows: int = 8
+
+    evidence = Evidence.ALIGNMENT
+    knobs = {"step": "neuroal_step", "windows": "search_windows"}
+    summary = "NeuroAL: λ search for block then row sparsity by activation alignment"
+
+    @classmethod
+    def check(cls, fields, explicit) -> None:
+        method = METHODS.get(fields["method"])
+        if fields.get("neuroal_step") == "row" and method.solver is not None and "neuroal_step" in explicit:
+            raise SpecError("--neuroal-step", "row", f"block with --method {method.name} (as the reference, block step only)")
+
+    @property
+    def evidence_windows(self) -> int:
+        return self.windows
+
+    def allocate(self, problem: AllocationProblem, score: CandidateScorer) -> Allocation:
+        st = steps(self.step, problem.method, problem.family)
+        result = Allocation(ratios={}, notes=list(st.notes), step_run=st.name)
+        timings = result.extra.setdefault("timings_s", {})
+        t0 = time.perf_counter()
+        if st.block:
+            candidates = block_candidates(problem.n_blocks, problem.sparsity, problem.linears)
+            lambdas = list(candidates)
+            scores = score("block", candidates, first=BLOCK_FIRST if BLOCK_FIRST in lambdas else lambdas[0],
+                           want_alignment=st.row)
+            best = choose(scores, lambdas)
+            result.lambda_block = best
+            result.curves["block"] = curve(scores, lambdas)
+        else:  # row step only: the alignment comes from the uniform block distribution (λ = 0)
+            candidates = block_candidates(problem.n_blocks, problem.sparsity, problem.linears, lambdas=(0.0,))
+            scores = score("block", candidates, first=0.0, want_alignment=True)
+            best = 0.0
+        base, base_score = candidates[best], scores[best]
+        timings["search_block"] = time.perf_counter() - t0
+        result.ratios = base
+        if not st.row:
+            return result
+
+        t0 = time.perf_counter()
+        candidates, notes = row_candidates(problem.family, problem.shapes, base, base_score.alignment)
+        lambdas = list(candidates)
+        scores = score("row", candidates, first=ROW_FIRST, want_alignment=False)
+        best = choose(scores, lambdas)
+        result.lambda_row = best
+        result.curves["row"] = curve(scores, lambdas)
+        result.ratios = candidates[best]
+        result.notes.extend(notes)
+        timings["search_row"] = time.perf_counter() - t0
+        return result

@@ -1,0 +1,293 @@
+"""Prune one spec, end to end: the one module the CLI and the grid both call.
+
+spec → (config edge: allocator, refiner, prune options) → session of shards → calibration →
+allocation (the allocator's evidence, collected generically; λ chosen in `neuroal.allocation`) →
+final pass → checkpoint → evaluation → run folder (`run.json`, plots) and results rows.
+
+A run folder is written in a temporary sibling and renamed into place; a rerun of a finished spec
+returns it, and an interrupted run resumes from its shards' checkpoints and the saved allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuroal import __version__
+from neuroal.allocation import ALLOCATORS, Allocation, AllocationProblem, Allocator
+from neuroal.block import PruneOptions
+from neuroal.data import DATA_VERSION, calibration_windows, resolve_data_dir
+from neuroal.errors import NeuroalError
+from neuroal.fileio import atomic_dir, atomic_path, write_json_atomic
+from neuroal.methods import METHODS, parse_pattern
+from neuroal.refiners import REFINERS
+from orchestrator import evaluate
+from orchestrator.evidence import collect
+from orchestrator.pipeline import run_stream
+from orchestrator.session import Session, check_pattern, open_session
+from orchestrator.shard import Shard, write_index
+from orchestrator.spec import GRID_VERSION, PruneSpec
+from orchestrator.tasks import Prune
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+RUN_JSON = "run.json"
+_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def _noop(*_a, **_k):
+    return None
+
+
+# ---------------------------------------------------------------- the config edge
+
+
+def allocator_for(spec: PruneSpec) -> Allocator:
+    return ALLOCATORS.get(spec.top_up).from_fields(spec.model_dump())
+
+
+def prune_options(spec: PruneSpec) -> PruneOptions:
+    """How every linear is pruned: the method, its knobs, and the top-up's refiner if it has one."""
+    name = ALLOCATORS.get(spec.top_up).refiner
+    return PruneOptions(
+        method=spec.method,
+        pattern=parse_pattern(spec.pattern),
+        granularity=spec.granularity,
+        blocksize=spec.blocksize,
+        percdamp=spec.percdamp,
+        refiner=REFINERS.get(name).from_fields(spec.model_dump()) if name else None,
+        max_tokens=spec.max_tokens,
+    )
+
+
+def session_for(spec: PruneSpec, *, resume_dir: Path | None = None) -> Session:
+    session = open_session(spec.model, executor=spec.executor, shards=spec.shards, dtype=spec.dtype,
+                           device=spec.device, address=spec.address, gpu_mem=spec.gpu_mem, method=spec.method,
+                           stream_windows=spec.search_windows, seqlen=spec.seqlen, resume_dir=resume_dir)
+    try:
+        check_pattern(session.shapes, parse_pattern(spec.pattern), spec.pattern)
+    except NeuroalError:
+        session.close()
+        raise
+    return session
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def allocate(spec: PruneSpec, session: Session, calib, opts: PruneOptions, progress: Progress = _noop) -> Allocation:
+    """The top-up's ratios: its declared evidence, collected on the shards, turned into ratios."""
+    allocator = allocator_for(spec)
+    problem = AllocationProblem(session.n_blocks, session.family.linears, session.shapes, spec.effective_sparsity,
+                                session.family, METHODS.get(spec.method))
+    evidence = collect(allocator, session, calib, opts, early_stop=spec.early_stop,
+                       on_candidate=lambda step, lam, score: progress("candidate", step=step, lam=lam, outcome=score))
+    return allocator.allocate(problem, evidence)
+
+
+def final_prune(session: Session, calib, ratios, opts: PruneOptions) -> dict[int, object]:
+    """Stream the calibration windows through the shards, each pruning its blocks in place."""
+    hidden = session.embed(calib) if opts.needs else None
+    runs = run_stream(session.chain, lambda i: Prune(session.ratios_of(i, ratios), opts), hidden)[1]
+    return {b: rec for run in runs for b, rec in run.records.items()}
+
+
+def save_checkpoint(session: Session, folder: Path) -> None:
+    """Each shard writes its tensors; the driver writes the index, config and tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chain = session.chain
+    maps = [chain.get(chain.call(i, Shard.save, str(folder))) for i in range(chain.n_shards)]
+    total = sum((folder / f).stat().st_size for f in {f for m in maps for f in m.values()})
+    write_index(folder, maps, total)
+    for name in _COPY:
+        src = session.model_dir / name
+        if src.exists():
+            shutil.copy2(src, folder / name)
+
+
+def sparsity_report(records: dict, shapes) -> dict:
+    """Actual sparsity over the prunable linears, per layer, and a per-row summary."""
+    total = zeros = 0.0
+    layers, rows = {}, {}
+    for b in sorted(records):
+        rec = records[b]
+        for name, frac in rec.sparsity.items():
+            n = shapes[name][0] * shapes[name][1]
+            total += n
+            zeros += frac * n
+            layers[f"{b}.{name}"] = round(frac, 6)
+            r = rec.row_sparsity.get(name)
+            if r is not None:
+                rows[f"{b}.{name}"] = {"min": round(float(r.min()), 6), "max": round(float(r.max()), 6),
+                                       "std": round(float(r.std()), 6)}
+    return {"sparsity_actual": zeros / total, "layer_sparsity": layers, "row_sparsity": rows}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"neuroal": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "ray", "lm_eval", "datasets", "safetensors", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _restore_or_allocate(spec, session, calib, opts, progress, resume_dir: Path | None) -> Allocation:
+    """The allocation saved by an interrupted attempt (`allocation.pt`), or a new one, then saved."""
+    saved = Path(resume_dir) / "allocation.pt" if resume_dir else None
+    if saved is not None and saved.exists():
+        alloc = Allocation(**torch.load(saved, weights_only=False))
+        alloc.notes = alloc.notes + ["allocation restored from an interrupted earlier attempt"]
+        return alloc
+    alloc = allocate(spec, session, calib, opts, progress)
+    if saved is not None:
+        with atomic_path(saved) as tmp:
+            torch.save(alloc.__dict__, tmp)
+    return alloc
+
+
+def execute(spec: PruneSpec, out_dir: Path, *, session: Session | None = None, progress: Progress = _noop,
+            resume_dir: Path | None = None) -> dict:
+    """Run a prune into `out_dir` (a fresh folder); returns the run.json content.
+
+    Args:
+        session: an open session to prune (left open); None opens one for this call.
+    """
+    if session is None:
+        session = session_for(spec, resume_dir=resume_dir)
+        try:
+            return execute(spec, out_dir, session=session, progress=progress, resume_dir=resume_dir)
+        finally:
+            session.close()
+    timings: dict[str, float] = {}
+    data_dir = resolve_data_dir(spec.data_dir)
+    opts = prune_options(spec)
+    t = time.perf_counter()
+    calib, calib_origin = calibration_windows(spec.calibration, session.tokenizer, spec.nsamples, spec.seqlen,
+                                              spec.seed, data_dir)
+    timings["calibration"] = time.perf_counter() - t
+
+    def timed(phase: str, fn, *args, **kw):
+        progress("phase", name=phase)
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            timings[phase] = time.perf_counter() - t0
+
+    def ppl_all():
+        return {name: evaluate.perplexity(session, name, spec.seqlen, data_dir, max_windows=spec.eval_windows)
+                for name in spec.eval}
+
+    ppl_dense = {k: v[0] for k, v in timed("eval_dense", ppl_all).items()} if spec.eval_dense else {}
+    alloc = timed("allocation", _restore_or_allocate, spec, session, calib, opts, progress, resume_dir)
+    timings.update(alloc.extra.pop("timings_s", {}))
+    records = timed("prune", final_prune, session, calib, alloc.ratios, opts)
+    timed("save", save_checkpoint, session, out_dir)
+    evals = timed("eval", ppl_all)
+    zeroshot = timed("zeroshot", evaluate.zeroshot, out_dir, spec.zeroshot, data_dir, spec.zeroshot_limit) \
+        if spec.zeroshot else []
+    block_mean = [float(np.mean([np.mean(alloc.ratios[b][n]) for n in session.family.linears]))
+                  for b in range(session.n_blocks)]
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "cell_key": spec.cell_key(),
+        "family": session.family.name,
+        "model_dir": str(session.model_dir),
+        "n_blocks": session.n_blocks,
+        "shards": [[s.first_block, s.end_block - 1] for s in session.shard_specs],
+        "lambda_block": alloc.lambda_block,
+        "lambda_row": alloc.lambda_row,
+        "lambda_curves": alloc.curves,
+        "neuroal_step_run": alloc.step_run,
+        "notes": alloc.notes,
+        "block_sparsity_planned": block_mean,
+        "sparsity_target": spec.effective_sparsity,
+        **sparsity_report(records, session.shapes),
+        "perplexity": {k: v[0] for k, v in evals.items()},
+        "perplexity_dense": ppl_dense,
+        "zeroshot": zeroshot,
+        "eval_data": {k: v[1] for k, v in evals.items()},
+        "calibration": {"origin": calib_origin, "windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])},
+        "allocation_extra": alloc.extra,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": versions(),
+        "data_version": DATA_VERSION,
+        "grid_version": GRID_VERSION,
+        "host": platform.node(),
+    }
+
+
+# ---------------------------------------------------------------- one prune, with its run folder
+
+
+def read_run(folder: Path) -> dict | None:
+    import json
+
+    path = folder / RUN_JSON
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logger.warning("%s is unreadable; the run will be redone", path)
+        return None
+
+
+def _jsonable(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path = True,
+          progress: Progress = _noop) -> dict:
+    """Prune `spec` into its out folder (a finished identical run is returned as it is); returns run.json.
+
+    Args:
+        store: append the results rows to the default store (True), to this folder, or not (False).
+        progress: receives events: ("resumed", out=), ("open", n_blocks=), ("phase", name=),
+            ("block", kind=, block=) from in-process shards, ("candidate", step=, lam=, outcome=).
+    """
+    out = Path(spec.out or spec.default_out())
+    previous = read_run(out) if out.exists() else None
+    if previous is not None and previous.get("cell_key") == spec.cell_key() and not overwrite:
+        progress("resumed", out=out)
+        return previous
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise NeuroalError(f"--out: {out} holds another run; choose another folder or pass --overwrite")
+    partial = out.parent / f".{out.name}.partial-{spec.cell_key()}"
+    session = session_for(spec, resume_dir=partial)
+    try:
+        progress("open", n_blocks=session.n_blocks)
+        for shard in getattr(session.chain, "shards", []):
+            shard.on_block = lambda kind, b: progress("block", kind=kind, block=b)
+        with atomic_dir(out, replace=True) as tmp:
+            run = execute(spec, tmp, session=session, progress=progress, resume_dir=partial)
+            run["out"] = str(out)
+            write_json_atomic(tmp / RUN_JSON, run, default=_jsonable)
+            from orchestrator.plots import run_plots
+
+            run_plots(run, tmp)
+    finally:
+        session.close()
+    shutil.rmtree(partial, ignore_errors=True)
+    if store is not False:
+        from orchestrator.store import append_run_rows
+
+        append_run_rows(run, None if store is True else store)
+    return run

@@ -1,0 +1,131 @@
+"""A model opened as a chain of shards (in-process, or Ray actors), and what the driver knows of it.
+
+The same `Session` drives one in-process shard (`LocalChain`) or N actors (`RayChain`); functions
+here take the parameters they use, the `PruneSpec` stays at the edge (`orchestrator.run`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from neuroal.errors import SpecError
+from neuroal.families import Family, family_for
+from neuroal.methods import Pattern
+from neuroal.models import load_config, load_tokenizer, resolve_model
+from orchestrator.pipeline import LocalChain
+from orchestrator.planning import ShardSpec, parse_bytes, plan_shards
+from orchestrator.shard import Shard
+
+logger = logging.getLogger(__name__)
+
+
+def n_blocks_of(config) -> int:
+    return int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
+
+
+def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, method: str, stream_windows: int,
+                   seqlen: int) -> list[ShardSpec]:
+    """Contiguous shards balanced by parameter bytes (orchestrator.planning), checked against --gpu-mem."""
+    n_blocks = n_blocks_of(config)
+    if not 1 <= shards <= n_blocks:
+        raise SpecError("--shards", shards, f"1..{n_blocks} (the model has {n_blocks} blocks)")
+    plan = plan_shards(config, n_actors=shards, mem_per_actor=parse_bytes(gpu_mem) if gpu_mem else 2**60,
+                       dtype=dtype, method=method, stream_windows=stream_windows, seqlen=seqlen)
+    return plan.shard_specs()
+
+
+@dataclass
+class Session:
+    model_dir: Path
+    config: object
+    family: Family
+    tokenizer: object
+    shard_specs: list[ShardSpec]
+    chain: object
+    shapes: dict[str, tuple[int, int]]
+    kwargs_ready: set[int] = field(default_factory=set)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.shard_specs[-1].end_block
+
+    @property
+    def parallel(self) -> bool:
+        return getattr(self.chain, "parallel", False)
+
+    def ensure_kwargs(self, seqlen: int) -> None:
+        """Capture the block kwargs for `seqlen` on the first shard and hand them to every shard."""
+        if seqlen in self.kwargs_ready:
+            return
+        kwargs = self.chain.get(self.chain.call(0, Shard.block_kwargs, seqlen))
+        for i in range(self.chain.n_shards):
+            self.chain.get(self.chain.configure(i, Shard.set_block_kwargs, seqlen, kwargs))
+        self.kwargs_ready.add(seqlen)
+
+    def embed(self, ids: torch.Tensor):
+        """A handle to the hidden states entering block 0 for token ids [n, seqlen]."""
+        self.ensure_kwargs(ids.shape[1])
+        return self.chain.call(0, Shard.embed, ids)
+
+    def ratios_of(self, shard: int, ratios: dict) -> dict:
+        """The part of per-block `ratios` that shard `shard` holds."""
+        return {b: ratios[b] for b in self.shard_specs[shard].blocks}
+
+    def close(self) -> None:
+        close = getattr(self.chain, "close", None)
+        if close:
+            close()
+
+
+def open_session(
+    model: str,
+    *,
+    executor: str = "ray",
+    shards: int = 1,
+    dtype: str = "float32",
+    device: str = "cpu",
+    address: str | None = None,
+    gpu_mem: str | None = None,
+    method: str = "wanda",
+    stream_windows: int = 8,
+    seqlen: int = 2048,
+    shard_specs: list[ShardSpec] | None = None,
+    resume_dir: Path | None = None,
+) -> Session:
+    """Open the model as a chain of shards (in-process or Ray actors).
+
+    Args:
+        method, stream_windows, seqlen: what the shard plan's activation estimate assumes.
+        resume_dir: where shards checkpoint their pruned blocks; a restarted actor or a rerun
+            restores them instead of pruning again.
+    """
+    model_dir = resolve_model(model)
+    config = load_config(model_dir)
+    family = family_for(config)
+    shard_specs = shard_specs or planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=dtype, method=method,
+                                                stream_windows=stream_windows, seqlen=seqlen)
+    if executor == "local":
+        held = [Shard(model_dir, s, dtype=dtype, device=device, resume_dir=resume_dir) for s in shard_specs]
+        chain = LocalChain(held)
+        shapes = held[0].shapes
+    else:
+        from orchestrator.ray_chain import RayChain
+
+        # actors resolve the model themselves: a hub id or the default downloads/converts per node
+        model_ref = model if not Path(model).expanduser().exists() else model_dir
+        chain = RayChain(model_ref, shard_specs, dtype=dtype, device=device, address=address, resume_dir=resume_dir)
+        shapes = chain.get(chain.call(0, Shard.get_shapes))
+    return Session(model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes)
+
+
+def check_pattern(shapes: dict[str, tuple[int, int]], pattern: Pattern | None, text: str) -> None:
+    """An N:M pattern needs M to divide every prunable linear's input width."""
+    if pattern is None:
+        return
+    bad = [f"{n} ({i})" for n, (_, i) in shapes.items() if i % pattern.m]
+    if bad:
+        raise SpecError("--pattern", text, f"N:M with M dividing every input width; {', '.join(bad)} is not")

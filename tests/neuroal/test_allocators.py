@@ -1,0 +1,85 @@
+"""The allocator plug-ins: registry table, knobs from spec fields, and NeuroAL's pure choice of λ."""
+
+import numpy as np
+import pytest
+
+from neuroal.allocation import ALLOCATORS, AllocationProblem, CandidateScore, Evidence
+from neuroal.allocation.alpha import AlphaPruning
+from neuroal.allocation.neuroal import NeuroAL, block_candidates, choose, curve, steps
+from neuroal.allocation.owl import OWL
+from neuroal.allocation.uniform import DSnoTTopUp, Uniform
+from neuroal.families import family_for
+from neuroal.methods import METHODS
+from neuroal.refiners import REFINERS
+from neuroal.refiners.dsnot import DSnoT
+
+LLAMA = family_for(type("C", (), {"model_type": "llama"}))
+MAMBA = family_for(type("C", (), {"model_type": "mamba"}))
+
+
+@pytest.mark.parametrize("name,cls,evidence", [
+    ("uniform", Uniform, Evidence.NOTHING),
+    ("owl", OWL, Evidence.BLOCK_STATS),
+    ("alpha", AlphaPruning, Evidence.WEIGHTS),
+    ("dsnot", DSnoTTopUp, Evidence.NOTHING),
+    ("neuroal", NeuroAL, Evidence.ALIGNMENT),
+])
+def test_registry_table(name, cls, evidence):
+    assert ALLOCATORS.get(name) is cls and cls.evidence is evidence
+
+
+def test_refiner_registry_and_the_dsnot_top_up():
+    assert REFINERS.get("dsnot") is DSnoT and DSnoTTopUp.refiner == "dsnot" and Uniform.refiner is None
+    assert DSnoT.from_fields({"dsnot_cycles": 7, "dsnot_same_sign": True, "owl_m": 3}) == DSnoT(max_cycles=7, same_sign=True)
+
+
+def test_knobs_come_from_spec_fields():
+    assert OWL.from_fields({"owl_m": 4.0, "owl_lambda": 0.1, "alpha_epsilon": 0.2}) == OWL(m=4.0, lam=0.1)
+    assert NeuroAL.from_fields({"neuroal_step": "block", "search_windows": 4}).evidence_windows == 4
+    assert AlphaPruning.from_fields({}) == AlphaPruning()
+
+
+def test_uniform_and_owl_ratios_by_hand():
+    problem = AllocationProblem(3, LLAMA.linears, {n: (4, 4) for n in LLAMA.linears}, 0.5, LLAMA, METHODS.get("wanda"))
+    assert Uniform().allocate(problem).ratios == {b: {n: 0.5 for n in LLAMA.linears} for b in range(3)}
+    alloc = OWL(lam=0.1).allocate(problem, [1.0, 2.0, 3.0])  # more outliers keep more weights
+    assert [round(alloc.ratios[b]["mlp.up_proj"], 6) for b in range(3)] == [0.6, 0.5, 0.4]
+
+
+def _score(total, partial=None):
+    return CandidateScore(total, total if partial is None else partial)
+
+
+def test_choose_lowest_finished_ties_to_the_reference_order():
+    lambdas = [0.01, 0.02, 0.03]
+    scores = {0.01: _score(None, 9.0), 0.02: _score(2.0), 0.03: _score(2.0)}
+    assert choose(scores, lambdas) == 0.02
+    assert choose(scores, [0.03, 0.02, 0.01]) == 0.03
+    assert curve(scores, lambdas)[0] == {"lambda": 0.01, "score": 9.0, "complete": False}
+
+
+def test_steps_follow_the_reference():
+    assert steps("both", METHODS.get("wanda"), LLAMA).name == "both"
+    st = steps("both", METHODS.get("sparsegpt"), LLAMA)
+    assert (st.block, st.row) == (True, False) and "block step only" in st.notes[0]
+    assert steps("row", METHODS.get("wanda"), MAMBA).name == "block"
+
+
+def test_neuroal_allocate_with_a_hand_made_scorer():
+    """The protocol: block candidates in the reference's λ order, then row candidates on the best."""
+    problem = AllocationProblem(3, LLAMA.linears, {n: (4, 4) for n in LLAMA.linears}, 0.5, LLAMA, METHODS.get("wanda"))
+    asked = []
+
+    def scorer(step, candidates, *, first, want_alignment):
+        asked.append((step, list(candidates)[:2], first, want_alignment))
+        align = {b: {n: np.arange(4.0) for n in LLAMA.linears} for b in range(3)}
+        # block: λ=0.05 best; row: λ=0.0 worst, 0.12 best
+        target = 0.05 if step == "block" else 0.12
+        return {lam: CandidateScore(abs(lam - target), abs(lam - target), align if want_alignment else None)
+                for lam in candidates}
+
+    alloc = NeuroAL().allocate(problem, scorer)
+    assert alloc.lambda_block == 0.05 and alloc.lambda_row == 0.12 and alloc.step_run == "both"
+    assert asked[0] == ("block", [0.01, 0.02], 0.08, True) and asked[1] == ("row", [0.0, 0.01], 0.0, False)
+    assert isinstance(alloc.ratios[0]["mlp.up_proj"], np.ndarray)  # per-row ratios
+    assert alloc.ratios[2]["mlp.up_proj"] == pytest.approx(block_candidates(3, 0.5, LLAMA.linears)[0.05][2]["mlp.up_proj"])

@@ -1,17 +1,21 @@
 """Family adapters: where each architecture keeps its blocks, prunable linears and row-step map.
 
 A family is data, chosen by `config.model_type` (never by model name). Calling one block on its own
-does not need per-family code: `capture_block_inputs` runs the model's own forward up to the first
-block and records the exact keyword arguments (rotary `position_embeddings`, `position_ids`, the
-attention mask) that the model passes to every block; those are batch-size independent (we force
-SDPA attention, whose causal mask is implicit) and are reused for every block and every stream.
+does not need per-family code: `capture_block_inputs` runs the model's own forward with every block
+replaced by a recorder and keeps the exact keyword arguments (rotary `position_embeddings`,
+`position_ids`, the attention mask) the model passes to each block. Models that mix layer kinds
+(Gemma 2/3 sliding-window and full attention, Gemma 3's local and global rotary tables) pass
+different kwargs to different blocks, so they are kept per block. They do not depend on the batch
+size: with SDPA the full causal mask is implicit (None), and materialised masks (sliding windows,
+eager attention) come as [1, 1, S, S] and broadcast over the batch.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +39,17 @@ class Family:
             spread over the producers' output rows. The next block's first linear feeding this
             block's last linear is implied for every family that has a row map.
         mlp: linears that belong to the MLP (DSnoT skips them by default, as its reference).
+        input_from: linears the block uses through `.weight` instead of calling them: their input
+            is read from another linear's output, (source linear, first column, config attribute
+            holding the number of columns).
+        row_segments: fused producers whose output rows are k consecutive copies of their
+            consumer's input width, (producer, k): Phi-3's `gate_up_proj` is [gate | up] (2) and
+            its `qkv_proj` [q | k | v] (3, which only fits without grouped-query attention).
+        attn_implementation: attention kernel the model is built with: SDPA keeps the causal
+            mask implicit; Gemma 2 refuses SDPA (attention soft-capping), so eager; None for
+            models without attention.
+        logit_softcap: config attribute of the final-logit tanh soft-cap the CausalLM applies
+            after its lm head (Gemma's `final_logit_softcapping`); None when there is none.
     """
 
     name: str
@@ -44,13 +59,18 @@ class Family:
     linears: tuple[str, ...]
     row_map: tuple[tuple[str, tuple[str, ...]], ...] = ()
     mlp: tuple[str, ...] = field(default=())
-    # linears the block uses through `.weight` instead of calling them: their input is read from
-    # another linear's output, (source linear, first column, number of columns)
     input_from: tuple[tuple[str, tuple[str, int, str]], ...] = ()
+    row_segments: tuple[tuple[str, int], ...] = ()
+    attn_implementation: str | None = "sdpa"
+    logit_softcap: str | None = None
 
     @property
     def has_row_step(self) -> bool:
         return bool(self.row_map)
+
+    def segments(self, producer: str) -> int:
+        """How many copies of its consumer's input width a producer's output rows hold (1 unless fused)."""
+        return dict(self.row_segments).get(producer, 1)
 
 
 _LLAMA_LINEARS = (
@@ -68,15 +88,42 @@ _LLAMA_ROW_MAP = (
     ("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")),
 )
 
+_LLAMA = Family(
+    # Llama 3.x is `llama` too: its `llama3` rope scaling lives in the rotary module, and its
+    # tied head (1B/3B) is filled from the embedding by `models.materialize`. OLMo 2's
+    # post-norms and q/k norms sit inside the block, so it has Llama's layout.
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "olmo2"),
+    blocks="model.layers",
+    head=("model.norm", "lm_head"),
+    linears=_LLAMA_LINEARS,
+    row_map=_LLAMA_ROW_MAP,
+    mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+)
+
 FAMILIES: tuple[Family, ...] = (
+    _LLAMA,
+    # Llama's layout between extra pre/post feed-forward norms; sliding-window and full attention
+    # layers alternate (per-block kwargs); the head soft-caps the logits. Gemma 2 refuses SDPA
+    # (it cannot soft-cap attention scores); Gemma 3 allows it and adds local/global rotary tables.
+    replace(_LLAMA, name="gemma2", model_types=("gemma2",), attn_implementation="eager",
+            logit_softcap="final_logit_softcapping"),
+    replace(_LLAMA, name="gemma3", model_types=("gemma3_text",), logit_softcap="final_logit_softcapping"),
     Family(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3"),
+        # fused projections, each pruned as one matrix: qkv_proj rows are [q | k | v] and
+        # gate_up_proj rows [gate | up] (see `row_segments` and `producer_rows`)
+        name="phi3",
+        model_types=("phi3",),
         blocks="model.layers",
         head=("model.norm", "lm_head"),
-        linears=_LLAMA_LINEARS,
-        row_map=_LLAMA_ROW_MAP,
-        mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+        row_map=(
+            ("self_attn.o_proj", ("self_attn.qkv_proj",)),
+            ("mlp.gate_up_proj", ("self_attn.o_proj",)),
+            ("mlp.down_proj", ("mlp.gate_up_proj",)),
+        ),
+        mlp=("mlp.gate_up_proj", "mlp.down_proj"),
+        row_segments=(("self_attn.qkv_proj", 3), ("mlp.gate_up_proj", 2)),
     ),
     Family(
         name="opt",
@@ -148,6 +195,7 @@ FAMILIES: tuple[Family, ...] = (
         # no producer/consumer map for the selective-scan mixer: NeuroAL runs its block step only
         row_map=(),
         mlp=(),
+        attn_implementation=None,
         # MambaMixer computes `dt_proj.weight @ time_step`, time_step = x_proj(x)[..., :time_step_rank]
         input_from=(("mixer.dt_proj", ("mixer.x_proj", 0, "time_step_rank")),),
     ),
@@ -159,6 +207,7 @@ FAMILIES: tuple[Family, ...] = (
         linears=("mixer.in_proj", "mixer.out_proj"),
         row_map=(),
         mlp=(),
+        attn_implementation=None,
     ),
 )
 
@@ -182,6 +231,12 @@ def family_for(config) -> Family:
         raise UnsupportedArchitecture(model_type, _BY_TYPE) from None
 
 
+def attn_implementation(config) -> str | None:
+    """The attention kernel to build `config`'s model with: its family's, SDPA for unknown types."""
+    family = _BY_TYPE.get(getattr(config, "model_type", None))
+    return family.attn_implementation if family else "sdpa"
+
+
 def get_blocks(model: nn.Module, family: Family) -> nn.ModuleList:
     return model.get_submodule(family.blocks)
 
@@ -200,9 +255,12 @@ def row_groups(family: Family, shapes: dict[str, tuple[int, int]], has_next: boo
     """Row-step groups of one block: (consumer key, producers) where widths allow it.
 
     The consumer key is the linear name, or ``"next:" + name`` for the next block's first linear.
-    A group whose producers' output rows differ from the consumer's input width keeps the block
-    ratio for all its producers: this is the reference's Mistral rule for q, k and v, applied to
-    every grouped-query-attention model (DESIGN §4) and to fused qkv projections.
+    A producer fits when its output rows are `family.segments(p)` times the consumer's input width
+    (once for a plain linear, twice for Phi-3's [gate | up], ...); lay the consumer's change over
+    its rows with `producer_rows`. A group with a producer that does not fit keeps the block ratio
+    for all its producers: this is the reference's Mistral rule for q, k and v, applied to every
+    grouped-query-attention model (DESIGN §4), fused [q | k | v] included, and to GPT-NeoX's
+    head-interleaved qkv.
 
     Args:
         shapes: (out, in) per linear name (blocks of one model share them).
@@ -218,50 +276,119 @@ def row_groups(family: Family, shapes: dict[str, tuple[int, int]], has_next: boo
         pairs.append(("next:" + family.linears[0], (family.linears[-1],)))
     for consumer, producers in pairs:
         width = shapes[consumer.removeprefix("next:")][1]
-        if all(shapes[p][0] == width for p in producers):
+        if all(shapes[p][0] == family.segments(p) * width for p in producers):
             groups.append((consumer, producers))
         else:
             kept.extend(producers)
     return groups, kept
 
 
+def producer_rows(r, family: Family, producer: str, shapes: dict[str, tuple[int, int]]) -> np.ndarray | None:
+    """The consumer's per-channel change r laid over a producer's output rows.
+
+    Output row j of a fused producer feeds input channel ``j mod len(r)`` of its consumer's
+    segment (Phi-3: gate row j and up row j both reach down_proj's channel j), so r is tiled
+    `family.segments(producer)` times; a plain producer gets r itself.
+
+    Args:
+        r: the consumer's change a^d − a^s, one value per consumer input channel.
+        producer: a linear of `family.linears`.
+        shapes: (out, in) per linear name.
+
+    Returns:
+        A float64 array of length out(producer), or None when its rows do not match r (grouped-
+        query attention): the producer then keeps its block ratio, as `row_groups` says.
+
+    Example:
+        Phi-3's `mlp.gate_up_proj` with 6 output rows and down_proj's r = [1, 2, 3] (intermediate
+        size 3) gives [1, 2, 3, 1, 2, 3]; feed that to the row schedule, whose min-max and mean are
+        the same over the copies, so each half gets the consumer's row sparsities.
+    """
+    r = np.asarray(r, dtype=np.float64).reshape(-1)
+    k = family.segments(producer)
+    if shapes[producer][0] != k * r.size:
+        return None
+    return np.tile(r, k)
+
+
 class _StopForward(Exception):
-    """Raised by the capture hook to stop the model's forward at the first block (not an error)."""
+    """Raised by the last block's recorder to stop the model's forward (not an error)."""
 
 
 @dataclass
 class BlockInputs:
-    """Hidden states entering block 0 and the keyword arguments every block is called with."""
+    """Hidden states entering block 0 and the keyword arguments each block is called with.
+
+    Attributes:
+        hidden: [n, seqlen, d] hidden states entering block 0.
+        kwargs: block 0's keyword arguments (what older callers reuse for every block).
+        layer_kwargs: one dict per block; blocks called alike share one dict object (Llama: one
+            dict for all; Gemma: one per attention kind), and dicts share their tensors.
+    """
 
     hidden: Tensor  # [n, seqlen, d]
     kwargs: dict
+    layer_kwargs: list[dict] = field(default_factory=list)
+
+    def kwargs_for(self, block_index: int) -> dict:
+        """The keyword arguments the model passes to block `block_index`."""
+        return self.layer_kwargs[block_index] if self.layer_kwargs else self.kwargs
+
+
+class _Recorder(nn.Module):
+    """Stands in for one block during capture: records its call and passes the hidden states on."""
+
+    def __init__(self, calls: list, last: bool):
+        super().__init__()
+        self.calls, self.last = calls, last
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.calls.append((hidden, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+def _share_identical(per_block: list[dict]) -> list[dict]:
+    """One dict object for blocks whose kwargs hold the very same objects (cheap to keep and ship)."""
+    out: list[dict] = []
+    for kw in per_block:
+        same = next((d for d in out if d.keys() == kw.keys() and all(d[k] is kw[k] for k in kw)), None)
+        out.append(same if same is not None else kw)
+    return out
 
 
 def capture_block_inputs(model: nn.Module, family: Family, input_ids: Tensor) -> BlockInputs:
-    """Run the model's own forward up to the first block and record what it passes in.
+    """Run the model's own forward with its blocks replaced by recorders; keep what each gets.
 
-    Only the modules before the first block (embeddings, rotary tables, position embeddings) run,
-    so this works on a model whose other blocks are still on the meta device.
+    Only what the model computes before its first block (embeddings, rotary tables, masks) runs,
+    and the forward stops at the last recorder, so this works on a skeleton whose blocks and head
+    are still on the meta device. Kwargs captured with a batch of one serve any batch size.
+
+    Returns:
+        `BlockInputs`: the hidden states entering block 0 and every block's kwargs.
+
+    Raises:
+        RuntimeError: the model's forward did not call each of its blocks.
     """
-    block0 = get_blocks(model, family)[0]
-    seen: dict = {}
-
-    def hook(_module, args, kwargs):
-        seen["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        seen["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
-
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    blocks = get_blocks(model, family)
+    originals = list(blocks)
+    calls: list = []
+    for i in range(len(originals)):
+        blocks[i] = _Recorder(calls, last=i == len(originals) - 1)
     try:
         with torch.no_grad():
             model(input_ids=input_ids, use_cache=False)
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if "hidden" not in seen:
-        raise RuntimeError("the first decoder block was never called: cannot capture its inputs")
-    return BlockInputs(hidden=seen["hidden"], kwargs=seen["kwargs"])
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    if len(calls) != len(originals):
+        raise RuntimeError(f"the model called {len(calls)} of its {len(originals)} blocks: cannot capture their inputs")
+    layer_kwargs = _share_identical([kw for _, kw in calls])
+    return BlockInputs(hidden=calls[0][0], kwargs=layer_kwargs[0], layer_kwargs=layer_kwargs)
 
 
 def call_block(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
@@ -271,11 +398,14 @@ def call_block(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
 
 
 def apply_head(model: nn.Module, family: Family, hidden: Tensor) -> Tensor:
-    """Final norm, projections and lm head: hidden [b, s, d] -> logits [b, s, vocab]."""
+    """Final norm, projections, lm head and logit soft-cap: hidden [b, s, d] -> logits [b, s, vocab]."""
     x = hidden
     for path in family.head:
         parent, _, leaf = path.rpartition(".")
         module = getattr(model.get_submodule(parent) if parent else model, leaf)
         if module is not None:  # optional projections (OPT's project_out) are None when unused
             x = module(x)
+    cap = getattr(model.config, family.logit_softcap, None) if family.logit_softcap else None
+    if cap:  # as the CausalLM's forward: logits = cap · tanh(logits / cap)
+        x = torch.tanh(x / cap) * cap
     return x

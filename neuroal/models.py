@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from neuroal.errors import ModelLoadError
-from neuroal.families import Family, family_for
+from neuroal.families import Family, attn_implementation, family_for
 from neuroal.fileio import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -163,14 +163,11 @@ def build_skeleton(config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=_attn(config), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation(config), dtype=torch.float32
+        )
     model.eval()
     return model
-
-
-def _attn(config) -> str | None:
-    # SDPA attention makes the causal mask implicit, so block inputs do not depend on batch size
-    return None if getattr(config, "model_type", "") in ("mamba", "mamba2") else "sdpa"
 
 
 def checkpoint_renames(model: nn.Module) -> list[tuple[str, str]]:

@@ -32,6 +32,26 @@ TINY = {
                   time_step_rank=8),
     "mamba2": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, state_size=8, expand=2, conv_kernel=4,
                    num_heads=8, head_dim=8, n_groups=1, chunk_size=16),
+    # dense architectures users bring (issue 13); sliding windows of 8 < test seqlens so the masks matter
+    "llama3": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=40, tie_word_embeddings=True, rope_theta=500000.0,
+                   max_position_embeddings=256,
+                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=32)),
+    "gemma2": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=8, intermediate_size=40, sliding_window=8, query_pre_attn_scalar=8),
+    "gemma3_text": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, intermediate_size=40, sliding_window=8,
+                        query_pre_attn_scalar=8, final_logit_softcapping=3.0,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "phi3": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=40, pad_token_id=0,  # Phi-4-mini-like: GQA, partial rotary, longrope
+                 partial_rotary_factor=0.5, max_position_embeddings=64, original_max_position_embeddings=16,
+                 rope_scaling=dict(rope_type="longrope", short_factor=[1.0, 1.0], long_factor=[2.0, 4.0])),
+    "phi3_mha": dict(model_type="phi3", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=4, intermediate_size=40, pad_token_id=0),  # fused qkv fits the row step
+    "olmo2": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=40, pad_token_id=0, eos_token_id=0),
 }
 
 

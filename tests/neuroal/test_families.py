@@ -10,24 +10,31 @@ from neuroal.families import (
 )
 from neuroal.models import build_skeleton, load_config, load_full, materialize
 
-FAMILY_NAMES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2"]
+FAMILY_NAMES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2",
+                "llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2"]
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_blockwise_forward_equals_the_model(name, tiny_dirs):
+    """Block by block with each block's own kwargs (captured at batch 1) gives the model's logits.
+
+    20 tokens exceed the tiny Gemmas' sliding window of 8 and the tiny Phi-3's longrope
+    original length of 16, so sliding masks and long rope factors are exercised.
+    """
     model, family = load_full(tiny_dirs[name])
-    attn = {} if name.startswith("mamba") else {"attn_implementation": "sdpa"}
-    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], **attn)
-    ids = torch.randint(0, 1000, (3, 16))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[name])  # the attention kernel a user gets by default
+    ids = torch.randint(0, 1000, (2, 20))
     with torch.no_grad():
         expect = ref(ids).logits
         inputs = capture_block_inputs(model, family, ids[:1] * 0)  # kwargs from a batch of one
         hidden = capture_block_inputs(model, family, ids).hidden
-        for block in get_blocks(model, family):
-            hidden = call_block(block, hidden, inputs.kwargs)
+        for b, block in enumerate(get_blocks(model, family)):
+            hidden = call_block(block, hidden, inputs.kwargs_for(b))
         logits = apply_head(model, family, hidden)
-    assert torch.allclose(logits, expect, atol=1e-4)
+    assert ref.config._attn_implementation == model.config._attn_implementation
+    assert torch.allclose(logits, expect, atol=1e-5, rtol=1e-5)
     assert list(block_linears(get_blocks(model, family)[0], family)) == list(family.linears)
+    assert len(inputs.layer_kwargs) == len(get_blocks(model, family)) and inputs.kwargs is inputs.kwargs_for(0)
 
 
 def test_unsupported_architecture_names_it_and_the_supported_list():

@@ -82,3 +82,91 @@ def atomic_dir(final: str | Path, *, replace: bool) -> Iterator[Path]:
             _remove(tmp)
             raise
         _remove(tmp)  # another process finished first: keep theirs
+
+
+# ---------------------------------------------------------------- storage URIs (no shared filesystem)
+#
+# `--out`, grid stores and `--model` may be storage URIs (s3://, gs://, anything fsspec opens); the
+# credentials and endpoint come from the standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+# GOOGLE_APPLICATION_CREDENTIALS, ...). Object stores have no rename: writers upload finished files
+# and write a manifest last (`run.json`, the safetensors index), which readers take as "complete".
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for a storage URI (s3://bucket/x), False for a local path (or file://)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def filesystem(location: str):
+    """(fsspec filesystem, path inside it) for a URI or a local path."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(location))
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """`location` / parts, for URIs and paths alike."""
+    base = str(location).rstrip("/")
+    return "/".join([base, *parts]) if is_uri(base) else str(Path(base, *parts))
+
+
+def exists(location: str | os.PathLike) -> bool:
+    if not is_uri(location):
+        return Path(location).exists()
+    fs, path = filesystem(location)
+    return fs.exists(path)
+
+
+def put_file(local: str | os.PathLike, location: str | os.PathLike) -> None:
+    """Copy a finished local file to `location`: an upload, or an atomic local copy."""
+    if is_uri(location):
+        fs, path = filesystem(location)
+        fs.put_file(str(local), path)
+        return
+    with atomic_path(location) as tmp:
+        shutil.copyfile(local, tmp)
+
+
+def get_file(location: str, local: str | os.PathLike) -> Path:
+    """Download `location` to the local path (atomically); returns it."""
+    fs, path = filesystem(location)
+    with atomic_path(local) as tmp:
+        fs.get_file(path, str(tmp))
+    return Path(local)
+
+
+def read_text(location: str | os.PathLike) -> str:
+    if not is_uri(location):
+        return Path(location).read_text()
+    fs, path = filesystem(location)
+    return fs.cat_file(path).decode()
+
+
+def write_text(location: str | os.PathLike, text: str) -> None:
+    """Atomic for local paths; on object stores a single PUT is all-or-nothing too."""
+    if not is_uri(location):
+        write_text_atomic(location, text)
+        return
+    fs, path = filesystem(location)
+    fs.pipe_file(path, text.encode())
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Delete a file or a folder tree (missing is fine)."""
+    if not is_uri(location):
+        _remove(Path(location))
+        return
+    fs, path = filesystem(location)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def listdir(location: str | os.PathLike) -> list[str]:
+    """Names directly under a folder (empty when missing)."""
+    if not is_uri(location):
+        return sorted(p.name for p in Path(location).iterdir()) if Path(location).is_dir() else []
+    fs, path = filesystem(location)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))

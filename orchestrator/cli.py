@@ -118,11 +118,12 @@ def prune(
     gpu_mem: Optional[str] = typer.Option(None, help="memory per actor for the shard plan, e.g. 80GB (checked)"),
     address: Optional[str] = typer.Option(None, help="Ray address (default $RAY_ADDRESS, else a local instance)"),
     executor: str = typer.Option("ray", help="ray (local instance or cluster) or local (in-process, no Ray)"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16, float16"),
-    device: str = typer.Option("cpu", help="device of in-process shards (cpu, cuda, cuda:1)"),
+    dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"),
+    device: str = typer.Option("auto", help="auto (a GPU where Ray or this machine has one, else CPU), cpu, cuda"),
     early_stop: bool = typer.Option(True, help="stop λ candidates that can no longer win (exact)"),
     store: Optional[str] = typer.Option(None, help="results store folder (default $NEUROAL_STORE or runs/store)"),
     overwrite: bool = typer.Option(False, help="redo a finished run in --out"),
+    check: bool = typer.Option(False, "--check", help="validate the flags and print the spec, run nothing"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Prune one model and write a run folder (checkpoint, run.json, plots)."""
@@ -137,6 +138,9 @@ def prune(
             shards=shards, gpu_mem=gpu_mem, address=address or os.environ.get("RAY_ADDRESS"), executor=executor,
             dtype=dtype, device=device, early_stop=early_stop,
         )
+        if check:
+            Console().print_json(spec.model_dump_json())
+            return
         run = run_with_progress(spec, overwrite=overwrite, store=store or True)
     except NeuroalError as exc:
         _fail(exc)

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from pathlib import Path
 
+from neuroal import fileio
 from neuroal.data import perplexity_tokens, perplexity_windows
+from neuroal.errors import NeuroalError
 from orchestrator.session import Session
 from orchestrator.shard import Shard
 from orchestrator.tasks import Forward
 
 logger = logging.getLogger(__name__)
+
+
+class TransientError(NeuroalError):
+    """A failure worth retrying (out of memory on a device, a lost node): Ray retries tasks raising it."""
+
+
+def transient(exc: BaseException) -> bool:
+    """CUDA / host out-of-memory: another attempt (on another worker) may succeed."""
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
 def perplexity(
@@ -42,13 +56,61 @@ def perplexity(
                                             "tokens": int(ids.numel())}
 
 
-def zeroshot(folder: Path, tasks, data_dir, limit) -> list[dict]:
-    """lm-eval zero-shot tasks on a saved checkpoint (loaded the way users load it)."""
+def local_checkpoint(location: str) -> tuple[Path, object]:
+    """A local folder holding the checkpoint at `location` (downloaded when it is a URI), and a cleanup."""
+    if not fileio.is_uri(location):
+        return Path(location), None
+    tmp = tempfile.TemporaryDirectory(prefix="neuroal-ckpt-")
+    for name in fileio.listdir(location):
+        if not name.startswith("_") and "." in name:
+            fileio.get_file(fileio.join(location, name), Path(tmp.name) / name)
+    return Path(tmp.name), tmp
+
+
+def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto") -> list[dict]:
+    """lm-eval zero-shot tasks on a saved checkpoint, loaded the way users load it, on `device`.
+
+    On CUDA the model is spread over this process's GPUs (`device_map="auto"`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from neuroal.data import resolve_data_dir
+    from neuroal.devices import resolve_device, resolve_dtype
     from neuroal.zeroshot import evaluate_zeroshot
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    results = evaluate_zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks), data_dir=data_dir, limit=limit)
+    folder, cleanup = local_checkpoint(location)
+    try:
+        dev = resolve_device(device)
+        kw = {"device_map": "auto"} if dev.type == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype("auto", dev), **kw)
+        results = evaluate_zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks),
+                                    data_dir=resolve_data_dir(data_dir), limit=limit, device=str(dev))
+    except Exception as exc:
+        if transient(exc):
+            raise TransientError(f"out of memory in zero-shot evaluation of {location}: {exc}") from exc
+        raise
+    finally:
+        if cleanup is not None:
+            cleanup.cleanup()
     return [{"task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "n_docs": r.n_docs}
             for r in results]
+
+
+def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir, limit) -> list[dict]:
+    """Zero-shot on the checkpoint: in process for an in-process run, else a Ray task with the GPUs
+    the shards had (never the whole model inside the driver).
+
+    A local `location` lives on the driver's machine, so the task is pinned to that node.
+    """
+    placement = getattr(session.chain, "placement", None)
+    if placement is None:
+        return zeroshot(location, tasks, data_dir, limit)
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    opts = {"num_gpus": session.chain.n_shards if placement.uses_gpu else 0, "num_cpus": 1}
+    if not fileio.is_uri(location):
+        opts = {"num_cpus": 0, "num_gpus": opts["num_gpus"], "scheduling_strategy":
+                NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+    task = ray.remote(zeroshot).options(max_retries=2, retry_exceptions=[TransientError], **opts)
+    return ray.get(task.remote(location, list(tasks), None if data_dir is None else str(data_dir), limit))

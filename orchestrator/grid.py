@@ -27,10 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from neuroal.allocation import ALLOCATORS
 from neuroal.data import DATA_VERSION, DATASETS
-from neuroal.errors import NeuroalError, SpecError
+from neuroal.errors import SpecError
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.zeroshot import TASKS as ZEROSHOT_TASKS
-from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec
+from orchestrator.evaluate import TransientError, transient
+from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec, first_error
 
 logger = logging.getLogger(__name__)
 RUNS_DIR = "_runs"  # cell run folders inside the store; pyarrow skips "_" paths when reading rows
@@ -153,10 +154,7 @@ def load_grid(path: str | Path) -> Grid:
     try:
         return Grid(**raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        inner = err.get("ctx", {}).get("error")
-        if isinstance(inner, SpecError):
-            raise inner from None
+        err = first_error(exc)
         loc = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             allowed = Grid.model_fields if len(err["loc"]) == 1 else (Tasks.model_fields if err["loc"][0] == "tasks" else Resources.model_fields)
@@ -220,10 +218,6 @@ def expected_rows(cell: Cell) -> set[tuple[str, str, str]]:
 # ---------------------------------------------------------------- work done inside Ray tasks
 
 
-class TransientError(NeuroalError):
-    """A failure worth retrying (out of memory, a lost node): Ray retries tasks that raise it."""
-
-
 def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
     """Ray task: prune one cell into its run folder (resumes a finished identical run)."""
     from orchestrator.run import prune
@@ -233,35 +227,32 @@ def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
         spec = spec.model_copy(update={"data_dir": data_dir})
     try:
         return prune(spec, store=False)
-    except MemoryError as exc:
-        raise TransientError(f"out of memory pruning {spec.out}") from exc
+    except Exception as exc:
+        if transient(exc):
+            raise TransientError(f"out of memory pruning {spec.out}: {exc}") from exc
+        raise
 
 
 def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | None, eval_windows: int | None,
               zeroshot_limit: int | None) -> list[dict]:
-    """Ray task: one evaluation of a pruned checkpoint; returns metric dicts."""
+    """Ray task: one evaluation of a pruned checkpoint on the devices Ray gave it; returns metric dicts."""
     from neuroal.data import resolve_data_dir
+    from orchestrator.evaluate import perplexity, zeroshot
+    from orchestrator.session import open_session
 
-    data = resolve_data_dir(data_dir)
-    if kind == "perplexity":
-        from orchestrator.evaluate import perplexity
-        from orchestrator.session import open_session
-
-        session = open_session(run_dir, executor="local")
+    try:
+        if kind == "zeroshot":
+            return zeroshot(run_dir, [name], data_dir, zeroshot_limit)
+        session = open_session(run_dir, executor="local")  # device and dtype "auto": the task's GPU if any
         try:
-            value, info = perplexity(session, name, seqlen, data, max_windows=eval_windows)
+            value, info = perplexity(session, name, seqlen, resolve_data_dir(data_dir), max_windows=eval_windows)
         finally:
             session.close()
-        return [{"task": name, "metric": "perplexity", "value": value, "stderr": None, "info": info}]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from neuroal.zeroshot import evaluate_zeroshot
-
-    model = AutoModelForCausalLM.from_pretrained(run_dir)
-    tok = AutoTokenizer.from_pretrained(run_dir)
-    results = evaluate_zeroshot(model, tok, [name], data_dir=data, limit=zeroshot_limit)
-    return [{"task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "n_docs": r.n_docs}
-            for r in results]
+    except Exception as exc:
+        if transient(exc):
+            raise TransientError(f"out of memory evaluating {name} on {run_dir}: {exc}") from exc
+        raise
+    return [{"task": name, "metric": "perplexity", "value": value, "stderr": None, "info": info}]
 
 
 # ---------------------------------------------------------------- the driver
@@ -315,7 +306,9 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
                 out = ray.get(ref)
             except Exception as exc:  # recorded, never silently dropped
                 cause = getattr(exc, "cause", None) or exc
-                st.status, st.error = "failed", f"{kind} {ev or ''}: {type(cause).__name__}: {cause}".strip()
+                kind_of = "transient, retried" if _is_transient(exc, cause) else "error"
+                st.status = "failed"
+                st.error = f"{kind} {ev or ''} ({kind_of}): {type(cause).__name__}: {cause}".strip()
                 logger.error("cell %s failed: %s", st.cell.label, st.error)
                 append_rows(store, [_failure_row(st, kind, ev)])
                 on_update(states)
@@ -342,6 +335,15 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
         if started:
             ray.shutdown()
     return states
+
+
+def _is_transient(exc: BaseException, cause: BaseException) -> bool:
+    """Out of memory, or a worker/node lost: Ray retried it `max_retries` times before giving up."""
+    import ray
+
+    lost = (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
+            ray.exceptions.TaskUnschedulableError)
+    return isinstance(cause, TransientError) or isinstance(exc, lost)
 
 
 def _base_row(st: CellState) -> dict:

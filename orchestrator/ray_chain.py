@@ -2,18 +2,19 @@
 
 Without an address (`--address` / `RAY_ADDRESS`) a local Ray instance starts inside this process
 (dashboard on 127.0.0.1 only; Ray's token authentication stays as Ray configures it). Actors are
-placed with a placement group (one bundle per shard, spread over nodes as resources allow) and are
-restarted by Ray if they die (`max_restarts`); the driver replays what was in flight.
+placed by `orchestrator.placement` (a GPU each where the cluster has GPUs, consecutive shards packed
+on one node) and are restarted by Ray if they die (`max_restarts`); the driver replays what was in
+flight.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
 from orchestrator.pipeline import num_returns
+from orchestrator.placement import PlacementError, place_shards
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def _shard_actor_class():
 
             if threads:
                 torch.set_num_threads(threads)
-            super().__init__(model, spec, dtype=dtype, device=device, resume_dir=resume_dir)
+            super().__init__(model, spec, dtype=dtype, device=device, resume_dir=resume_dir,
+                             gpu_given=bool(ray.get_gpu_ids()))
 
         def ping(self) -> int:
             return os.getpid()
@@ -83,8 +85,8 @@ class RayChain:
         model: str | Path,
         shard_specs,
         *,
-        dtype: str = "float32",
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
         address: str | None = None,
         max_restarts: int = 3,
         num_cpus: int | None = None,
@@ -92,7 +94,7 @@ class RayChain:
         recover_timeout_s: float = 600.0,
     ):
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._started = ensure_ray(address, num_cpus or os.cpu_count())
@@ -102,36 +104,34 @@ class RayChain:
         self.recover_timeout_s = recover_timeout_s
         self.recoveries = 0
         self._state: list[list[tuple[str, tuple]]] = [[] for _ in self.specs]
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        use_gpu = gpus >= self.n_shards and device != "cpu"
-        # more shards than CPUs (tests, small machines): fractional shares, one torch thread each
-        share = resources.get("CPU", 1) / self.n_shards
-        cpus = int(share) if share >= 1 else math.floor(share * 1000) / 1000
-        threads = max(1, int(share))
-        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": cpus}
-        self.pg = placement_group([dict(bundle) for _ in self.specs], strategy="PACK")
-        try:
-            ray.get(self.pg.ready(), timeout=300)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.pg)
-            raise RuntimeError(f"Ray cannot place {self.n_shards} shards of {bundle} (cluster: {resources})") from None
+        self.placement = place_shards(self.n_shards, device)
+        p = self.placement
+        self.pgs, self.actors = [], []
         cls = _shard_actor_class()
-        self.actors = []
-        for i, spec in enumerate(self.specs):
-            opts = dict(
-                num_cpus=bundle.get("CPU", 1),
-                num_gpus=bundle.get("GPU", 0),
-                max_restarts=max_restarts,
-                max_task_retries=0,  # the chain replays lost calls itself (it knows their inputs)
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            )
-            self.actors.append(
-                cls.options(**opts).remote(
-                    str(model), spec, dtype, "cuda" if use_gpu else "cpu", None if use_gpu else threads,
-                    None if resume_dir is None else str(resume_dir),
+        first = 0
+        for size in p.groups:  # a run of consecutive shards per node (one STRICT_PACK group each)
+            pg = placement_group([dict(p.bundle) for _ in range(size)], strategy="STRICT_PACK")
+            self.pgs.append(pg)
+            try:
+                ray.get(pg.ready(), timeout=300)
+            except ray.exceptions.GetTimeoutError:
+                self._remove_groups()
+                raise PlacementError(f"--shards: Ray cannot place {size} shards of {p.bundle} on one node "
+                                     f"(cluster: {ray.cluster_resources()})") from None
+            for j in range(size):
+                opts = dict(
+                    num_cpus=p.bundle.get("CPU", 0),
+                    num_gpus=p.bundle.get("GPU", 0),
+                    max_restarts=max_restarts,
+                    max_task_retries=0,  # the chain replays lost calls itself (it knows their inputs)
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=j),
                 )
-            )
+                # an actor given a GPU computes on it ("auto"), or on CPU if the GPU is Ray's fiction
+                actor_device = "auto" if p.uses_gpu else "cpu"
+                self.actors.append(cls.options(**opts).remote(
+                    str(model), self.specs[first + j], dtype, actor_device, p.threads,
+                    None if resume_dir is None else str(resume_dir)))
+            first += size
         self._pids = ray.get([a.ping.remote() for a in self.actors])  # a new pid = a restarted actor
 
     # ------------------------------------------------------------------ submission
@@ -221,12 +221,17 @@ class RayChain:
 
         return [r["peak_rss_bytes"] for r in ray.get([a.report.remote() for a in self.actors])]
 
+    def _remove_groups(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.pgs:
+            remove_placement_group(pg)
+
     def close(self) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         for a in self.actors:
             ray.kill(a, no_restart=True)
-        remove_placement_group(self.pg)
+        self._remove_groups()
         if self._started:
             ray.shutdown()

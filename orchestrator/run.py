@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,23 +25,21 @@ from neuroal.allocation import ALLOCATORS, Allocation, AllocationProblem, Alloca
 from neuroal.block import PruneOptions
 from neuroal.data import DATA_VERSION, calibration_windows, resolve_data_dir
 from neuroal.errors import NeuroalError
-from neuroal.fileio import atomic_dir, atomic_path, write_json_atomic
+from neuroal import fileio
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.refiners import REFINERS
 from orchestrator import evaluate
 from orchestrator.evidence import collect
 from orchestrator.pipeline import run_stream
 from orchestrator.session import Session, check_pattern, open_session
-from orchestrator.shard import Shard, write_index
+from orchestrator.outputs import RunOutput, save_checkpoint
+from orchestrator.shard import Shard
 from orchestrator.spec import GRID_VERSION, PruneSpec
 from orchestrator.tasks import Prune
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
-RUN_JSON = "run.json"
-_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
 def _noop(*_a, **_k):
@@ -101,19 +99,6 @@ def final_prune(session: Session, calib, ratios, opts: PruneOptions) -> dict[int
     return {b: rec for run in runs for b, rec in run.records.items()}
 
 
-def save_checkpoint(session: Session, folder: Path) -> None:
-    """Each shard writes its tensors; the driver writes the index, config and tokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chain = session.chain
-    maps = [chain.get(chain.call(i, Shard.save, str(folder))) for i in range(chain.n_shards)]
-    total = sum((folder / f).stat().st_size for f in {f for m in maps for f in m.values()})
-    write_index(folder, maps, total)
-    for name in _COPY:
-        src = session.model_dir / name
-        if src.exists():
-            shutil.copy2(src, folder / name)
-
-
 def sparsity_report(records: dict, shapes) -> dict:
     """Actual sparsity over the prunable linears, per layer, and a per-row summary."""
     total = zeros = 0.0
@@ -146,21 +131,23 @@ def versions() -> dict:
 
 def _restore_or_allocate(spec, session, calib, opts, progress, resume_dir: Path | None) -> Allocation:
     """The allocation saved by an interrupted attempt (`allocation.pt`), or a new one, then saved."""
-    saved = Path(resume_dir) / "allocation.pt" if resume_dir else None
-    if saved is not None and saved.exists():
-        alloc = Allocation(**torch.load(saved, weights_only=False))
+    saved = fileio.join(resume_dir, "allocation.pt") if resume_dir else None
+    if saved is not None and fileio.exists(saved):
+        with tempfile.TemporaryDirectory() as tmp:
+            alloc = Allocation(**torch.load(fileio.get_file(saved, Path(tmp) / "a.pt"), weights_only=False))
         alloc.notes = alloc.notes + ["allocation restored from an interrupted earlier attempt"]
         return alloc
     alloc = allocate(spec, session, calib, opts, progress)
     if saved is not None:
-        with atomic_path(saved) as tmp:
-            torch.save(alloc.__dict__, tmp)
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(alloc.__dict__, Path(tmp) / "a.pt")
+            fileio.put_file(Path(tmp) / "a.pt", saved)
     return alloc
 
 
-def execute(spec: PruneSpec, out_dir: Path, *, session: Session | None = None, progress: Progress = _noop,
-            resume_dir: Path | None = None) -> dict:
-    """Run a prune into `out_dir` (a fresh folder); returns the run.json content.
+def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = None, progress: Progress = _noop,
+            resume_dir: str | Path | None = None) -> dict:
+    """Run a prune into `out_dir` (a fresh local folder, or a URI); returns the run.json content.
 
     Args:
         session: an open session to prune (left open); None opens one for this call.
@@ -195,10 +182,11 @@ def execute(spec: PruneSpec, out_dir: Path, *, session: Session | None = None, p
     alloc = timed("allocation", _restore_or_allocate, spec, session, calib, opts, progress, resume_dir)
     timings.update(alloc.extra.pop("timings_s", {}))
     records = timed("prune", final_prune, session, calib, alloc.ratios, opts)
-    timed("save", save_checkpoint, session, out_dir)
+    direct = fileio.is_uri(out_dir) or not session.parallel  # else a Ray actor may be on another machine
+    timed("save", save_checkpoint, session, str(out_dir), direct=direct)
     evals = timed("eval", ppl_all)
-    zeroshot = timed("zeroshot", evaluate.zeroshot, out_dir, spec.zeroshot, data_dir, spec.zeroshot_limit) \
-        if spec.zeroshot else []
+    zeroshot = timed("zeroshot", evaluate.zeroshot_where_the_gpus_are, session, str(out_dir), spec.zeroshot,
+                     spec.data_dir, spec.zeroshot_limit) if spec.zeroshot else []
     block_mean = [float(np.mean([np.mean(alloc.ratios[b][n]) for n in session.family.linears]))
                   for b in range(session.n_blocks)]
     return {
@@ -233,27 +221,6 @@ def execute(spec: PruneSpec, out_dir: Path, *, session: Session | None = None, p
 # ---------------------------------------------------------------- one prune, with its run folder
 
 
-def read_run(folder: Path) -> dict | None:
-    import json
-
-    path = folder / RUN_JSON
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        logger.warning("%s is unreadable; the run will be redone", path)
-        return None
-
-
-def _jsonable(obj):
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path = True,
           progress: Progress = _noop) -> dict:
     """Prune `spec` into its out folder (a finished identical run is returned as it is); returns run.json.
@@ -263,29 +230,30 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
         progress: receives events: ("resumed", out=), ("open", n_blocks=), ("phase", name=),
             ("block", kind=, block=) from in-process shards, ("candidate", step=, lam=, outcome=).
     """
-    out = Path(spec.out or spec.default_out())
-    previous = read_run(out) if out.exists() else None
-    if previous is not None and previous.get("cell_key") == spec.cell_key() and not overwrite:
-        progress("resumed", out=out)
+    output = RunOutput(spec.out or spec.default_out(), spec.cell_key())
+    previous = output.previous()
+    if previous is not None and not overwrite:
+        progress("resumed", out=output.out)
         return previous
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise NeuroalError(f"--out: {out} holds another run; choose another folder or pass --overwrite")
-    partial = out.parent / f".{out.name}.partial-{spec.cell_key()}"
-    session = session_for(spec, resume_dir=partial)
+    output.check_free(overwrite)
+    session = session_for(spec, resume_dir=output.resume_location)
     try:
         progress("open", n_blocks=session.n_blocks)
         for shard in getattr(session.chain, "shards", []):
             shard.on_block = lambda kind, b: progress("block", kind=kind, block=b)
-        with atomic_dir(out, replace=True) as tmp:
-            run = execute(spec, tmp, session=session, progress=progress, resume_dir=partial)
-            run["out"] = str(out)
-            write_json_atomic(tmp / RUN_JSON, run, default=_jsonable)
-            from orchestrator.plots import run_plots
+        with output.writing(overwrite) as location:
+            run = execute(spec, location, session=session, progress=progress, resume_dir=output.resume_location)
+            run["out"] = output.out
+            run["shard_reports"] = [session.chain.get(session.chain.call(i, Shard.report))
+                                    for i in range(session.chain.n_shards)]
+            with tempfile.TemporaryDirectory() as tmp:
+                from orchestrator.plots import run_plots
 
-            run_plots(run, tmp)
+                run_plots(run, Path(tmp))
+                output.put_local_folder(Path(tmp), location)
+            output.finish(location, run)
     finally:
         session.close()
-    shutil.rmtree(partial, ignore_errors=True)
     if store is not False:
         from orchestrator.store import append_run_rows
 

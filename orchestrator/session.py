@@ -7,11 +7,13 @@ here take the parameters they use, the `PruneSpec` stays at the edge (`orchestra
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from neuroal.devices import dtype_name, resolve_device, resolve_dtype
 from neuroal.errors import SpecError
 from neuroal.families import Family, family_for
 from neuroal.methods import Pattern
@@ -47,6 +49,7 @@ class Session:
     shard_specs: list[ShardSpec]
     chain: object
     shapes: dict[str, tuple[int, int]]
+    started_ray: bool = False  # this session started the embedded Ray instance and stops it
     kwargs_ready: set[int] = field(default_factory=set)
 
     @property
@@ -79,6 +82,10 @@ class Session:
         close = getattr(self.chain, "close", None)
         if close:
             close()
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def open_session(
@@ -86,8 +93,8 @@ def open_session(
     *,
     executor: str = "ray",
     shards: int = 1,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str = "auto",
     address: str | None = None,
     gpu_mem: str | None = None,
     method: str = "wanda",
@@ -106,8 +113,40 @@ def open_session(
     model_dir = resolve_model(model)
     config = load_config(model_dir)
     family = family_for(config)
-    shard_specs = shard_specs or planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=dtype, method=method,
-                                                stream_windows=stream_windows, seqlen=seqlen)
+    started_ray = False
+    if executor != "local":
+        from orchestrator.ray_chain import ensure_ray
+
+        started_ray = ensure_ray(address, os.cpu_count())
+    try:
+        return _open(model, model_dir, config, family, executor=executor, shards=shards, dtype=dtype, device=device,
+                     address=address, gpu_mem=gpu_mem, method=method, stream_windows=stream_windows, seqlen=seqlen,
+                     shard_specs=shard_specs, resume_dir=resume_dir, started_ray=started_ray)
+    except BaseException:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
+
+
+def compute_kind(device: str, executor: str) -> str:
+    """"cuda" or "cpu": what the shards will compute on (for the plan's dtype and micro-batches)."""
+    if executor == "local":
+        return resolve_device(device).type
+    import ray
+
+    from orchestrator.placement import wants_gpus
+
+    return "cuda" if wants_gpus(device, ray.cluster_resources().get("GPU", 0)) else "cpu"
+
+
+def _open(model, model_dir, config, family, *, executor, shards, dtype, device, address, gpu_mem, method,
+          stream_windows, seqlen, shard_specs, resume_dir, started_ray) -> Session:
+    kind = compute_kind(device, executor)
+    plan_dtype = dtype_name(resolve_dtype(dtype, torch.device(kind)))
+    shard_specs = shard_specs or planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=plan_dtype,
+                                                method=method, stream_windows=stream_windows, seqlen=seqlen)
     if executor == "local":
         held = [Shard(model_dir, s, dtype=dtype, device=device, resume_dir=resume_dir) for s in shard_specs]
         chain = LocalChain(held)
@@ -119,7 +158,8 @@ def open_session(
         model_ref = model if not Path(model).expanduser().exists() else model_dir
         chain = RayChain(model_ref, shard_specs, dtype=dtype, device=device, address=address, resume_dir=resume_dir)
         shapes = chain.get(chain.call(0, Shard.get_shapes))
-    return Session(model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes)
+    return Session(model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes,
+                   started_ray=started_ray)
 
 
 def check_pattern(shapes: dict[str, tuple[int, int]], pattern: Pattern | None, text: str) -> None:

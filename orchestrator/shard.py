@@ -9,19 +9,20 @@ block by a stream task (`orchestrator.tasks`). The driver calls its methods by r
 
 from __future__ import annotations
 
-import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import Tensor
 
+from neuroal.devices import dtype_name, resolve_device, resolve_dtype
 from neuroal.families import apply_head, block_linears, capture_block_inputs, family_for, get_blocks, linear_shapes
-from neuroal.fileio import atomic_path, write_text_atomic
+from neuroal import fileio
 from neuroal.models import build_skeleton, load_config, materialize, resolve_model
 from orchestrator.planning import ShardSpec
 from orchestrator.tasks import ShardRun, StreamTask
@@ -45,15 +46,16 @@ class Shard:
         model_dir: str | Path,
         spec: ShardSpec,
         *,
-        dtype: str = "float32",
-        device: str = "cpu",
+        dtype: str = "auto",
+        device: str = "auto",
         resume_dir: str | Path | None = None,
+        gpu_given: bool = False,
     ):
         t0 = time.perf_counter()
         self.model_dir = resolve_model(str(model_dir))  # a name resolves on this node (hub cache, GGUF)
         self.spec = spec
-        self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype)
+        self.device = resolve_device(device, gpu_given=gpu_given)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.config = load_config(self.model_dir)
         self.family = family_for(self.config)
         self.model = build_skeleton(self.config)
@@ -73,12 +75,11 @@ class Shard:
             self._load_tied_input_embedding()
         self.blocks = get_blocks(self.model, self.family)
         self.shapes = linear_shapes(self.blocks[spec.first_block], self.family)
-        self._kwargs: dict[int, dict] = {}
+        self._kwargs: dict[int, list[dict]] = {}  # seqlen -> kwargs of every block of the model
         self.on_block = None  # in-process progress callback (kind, block index)
         self.busy_seconds = 0.0  # time spent in `run` (pipeline utilisation = busy / wall)
-        self.resume_path = (
-            Path(resume_dir) / f"shard-{spec.first_block:04d}-{spec.end_block:04d}.safetensors" if resume_dir else None
-        )
+        name = f"shard-{spec.first_block:04d}-{spec.end_block:04d}.safetensors"
+        self.resume_path = fileio.join(resume_dir, name) if resume_dir else None  # a local path or a URI
         self.pruned = self._load_checkpoint()
         self.load_seconds = time.perf_counter() - t0
         logger.info("shard %d: blocks %d..%d loaded in %.1fs", spec.index, spec.first_block, spec.end_block - 1, self.load_seconds)
@@ -89,11 +90,15 @@ class Shard:
 
     def _load_checkpoint(self) -> bool:
         """Restore this shard's pruned blocks if an earlier attempt finished them (restart/rerun)."""
-        if self.resume_path is None or not self.resume_path.exists():
+        if self.resume_path is None or not fileio.exists(self.resume_path):
             return False
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-        saved = load_file(str(self.resume_path))
+        if fileio.is_uri(self.resume_path):
+            fs, path = fileio.filesystem(self.resume_path)
+            saved = load(fs.cat_file(path))
+        else:
+            saved = load_file(self.resume_path)
         params = self._block_tensors()
         if set(saved) != set(params):
             logger.warning("shard %d: ignoring %s (it holds other tensors)", self.spec.index, self.resume_path)
@@ -108,8 +113,10 @@ class Shard:
         """Keep this shard's pruned blocks where a restarted actor or a rerun finds them."""
         if self.resume_path is None:
             return
-        with atomic_path(self.resume_path) as tmp:
-            save_file({n: p.detach().cpu().contiguous() for n, p in self._block_tensors().items()}, str(tmp))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "checkpoint.safetensors"
+            save_file({n: p.detach().cpu().contiguous() for n, p in self._block_tensors().items()}, str(local))
+            fileio.put_file(local, self.resume_path)
 
     def _load_tied_input_embedding(self) -> None:
         """A tied head needs the input embedding matrix on the last shard too."""
@@ -122,12 +129,15 @@ class Shard:
     # ------------------------------------------------------------------ stream entry and exit
 
     def block_kwargs(self, seqlen: int) -> dict:
-        """The keyword arguments every block takes for windows of `seqlen` (first shard only), packed."""
+        """The keyword arguments each block takes for windows of `seqlen` (first shard only), packed.
+
+        Blocks may differ (Gemma's sliding-window and global layers get other masks and rotary tables).
+        """
         assert self.spec.has_embeddings
         if seqlen not in self._kwargs:
             ids = torch.zeros(1, seqlen, dtype=torch.long, device=self.device)
-            self._kwargs[seqlen] = capture_block_inputs(self.model, self.family, ids).kwargs
-        return pack(self._kwargs[seqlen])
+            self._kwargs[seqlen] = capture_block_inputs(self.model, self.family, ids).layer_kwargs
+        return pack(self._kwargs[seqlen])  # one dict per block; shared dicts and tensors travel once
 
     def set_block_kwargs(self, seqlen: int, kwargs: dict) -> None:
         """State a restarted actor must be given again (the chain replays `configure` calls)."""
@@ -140,7 +150,7 @@ class Shard:
         seqlen = hidden.shape[1]
         if seqlen not in self._kwargs:
             raise RuntimeError(f"shard {self.spec.index}: block kwargs for seqlen {seqlen} were never set")
-        return self._kwargs[seqlen]
+        return self._kwargs[seqlen][b]
 
     def embed(self, input_ids: Tensor) -> tuple[np.ndarray, str]:
         """Hidden states entering block 0 for token ids [n, seqlen]."""
@@ -212,7 +222,7 @@ class Shard:
         import resource
 
         return {"index": self.spec.index, "blocks": [self.spec.first_block, self.spec.end_block - 1],
-                "device": str(self.device), "load_seconds": round(self.load_seconds, 2),
+                "device": str(self.device), "dtype": dtype_name(self.dtype), "load_seconds": round(self.load_seconds, 2),
                 "busy_seconds": round(self.busy_seconds, 3),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -223,13 +233,20 @@ class Shard:
             for b in self.spec.blocks
         }
 
-    def save(self, folder: str | Path) -> dict[str, str]:
-        """Write the tensors this shard loaded as one safetensors file; returns name -> file name.
+    def save(self, target: str | None) -> dict:
+        """Write the tensors this shard loaded as one safetensors file.
 
         A tied output embedding is not written (as `save_pretrained`): the input embedding,
         written by the first shard, is the one tensor.
+
+        Args:
+            target: the run folder (local or a URI) to write into; None returns the file's bytes
+                instead (a Ray actor whose driver's folder is on another machine).
+
+        Returns:
+            {"weight_map": tensor name -> file name, "file": the file name, "bytes": its size,
+            "data": the file's bytes when `target` is None}.
         """
-        folder = Path(folder)
         fname = f"model-{self.spec.index + 1:05d}-of-{self.spec.n_shards:05d}.safetensors"
         params = dict(self.model.named_parameters(remove_duplicate=False))
         params.update(dict(self.model.named_buffers(remove_duplicate=False)))
@@ -240,18 +257,19 @@ class Shard:
             if tied and params[name] is out_emb.weight and name != self._input_embedding_name():
                 continue
             state[name] = params[name].detach().to("cpu").contiguous()
-        with atomic_path(folder / fname) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        return {name: fname for name in state}
+        part = {"weight_map": {name: fname for name in state}, "file": fname, "data": None}
+        if target is None:
+            part["data"] = save(state, metadata={"format": "pt"})
+            part["bytes"] = len(part["data"])
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / fname
+                save_file(state, str(local), metadata={"format": "pt"})
+                part["bytes"] = local.stat().st_size
+                fileio.put_file(local, fileio.join(target, fname))
+        return part
 
     def _input_embedding_name(self) -> str:
         emb = self.model.get_input_embeddings().weight
         return next(n for n, p in self.model.named_parameters(remove_duplicate=False) if p is emb)
 
-
-def write_index(folder: Path, weight_maps: list[dict[str, str]], total_bytes: int) -> None:
-    weight_map = {}
-    for m in weight_maps:
-        weight_map.update(m)
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-    write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2))

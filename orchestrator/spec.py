@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -67,8 +68,8 @@ class PruneSpec(BaseModel):
     gpu_mem: str | None = None  # per-actor memory budget for the shard plan, e.g. "80GB"
     address: str | None = None
     executor: Literal["ray", "local"] = "ray"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: the GPU Ray (or this machine) gives, else CPU
     # method and top-up knobs (defaults from the papers' code)
     blocksize: int = 128
     percdamp: float = 0.01
@@ -111,6 +112,13 @@ class PruneSpec(BaseModel):
     def _positive(cls, v: int | None, info) -> int | None:
         if v is not None and v < 1:
             raise SpecError("--" + info.field_name.replace("_", "-"), v, "a positive integer")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
+            raise SpecError("--device", v, "auto, cpu, cuda, cuda:N")
         return v
 
     @field_validator("eval", mode="before")
@@ -174,15 +182,21 @@ class PruneSpec(BaseModel):
         return f"runs/{name}-{self.method}-{self.top_up}-{self.effective_sparsity:g}-{self.pattern.replace(':', 'of')}"
 
 
+def first_error(exc: ValidationError) -> dict:
+    """pydantic's first error; a `SpecError` raised by a validator is re-raised as it is (one line)."""
+    err = exc.errors()[0]
+    inner = err.get("ctx", {}).get("error")
+    if isinstance(inner, SpecError):
+        raise inner from None
+    return err
+
+
 def build_spec(**kwargs) -> PruneSpec:
     """PruneSpec from keyword flags; any validation failure becomes one SpecError line."""
     try:
         return PruneSpec(**kwargs)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        inner = err.get("ctx", {}).get("error")
-        if isinstance(inner, SpecError):
-            raise inner from None
+        err = first_error(exc)
         field = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "spec"
         if err["type"] == "extra_forbidden":
             raise SpecError("spec", field.removeprefix("--"), "the fields of PruneSpec") from None

@@ -22,18 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from neuroal.allocation import ratios as R
-from neuroal.allocation.base import (
-    ALLOCATORS,
-    Allocation,
-    AllocationProblem,
-    Allocator,
-    CandidateScore,
-    CandidateScorer,
-    Evidence,
-)
+from neuroal.allocation.base import ALLOCATORS, Allocation, AllocationProblem, Allocator, Evidence
+from neuroal.allocation.base import CandidateScore, CandidateScorer
 from neuroal.allocation.schedule import block_lambdas, neuroal_block_sparsity, neuroal_row_sparsity, row_lambdas
 from neuroal.errors import SpecError
-from neuroal.families import Family, row_groups
+from neuroal.families import Family, producer_rows, row_groups
 from neuroal.methods import METHODS, Method
 
 STEPS = ("block", "row", "both")
@@ -100,8 +93,8 @@ def row_ratios(
                 else:
                     r = alignment[b][consumer]
                 r = np.asarray(r, dtype=np.float64)
-                for p in producers:
-                    rows[p] = neuroal_row_sparsity(r, float(base[b][p]), lam)
+                for p in producers:  # a fused producer (Phi-3's gate_up) lays r over each of its segments
+                    rows[p] = neuroal_row_sparsity(producer_rows(r, family, p, shapes), float(base[b][p]), lam)
         out[b] = rows
     notes = [f"{p} keeps its block ratio (rows differ from the consumer's width)" for p in sorted(kept_names)]
     return out, notes

@@ -11,7 +11,8 @@ from orchestrator.run import prune
 from orchestrator.spec import build_spec
 from orchestrator.store import read_store
 
-FAMILIES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2"]
+FAMILIES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2",
+            "llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2"]
 
 
 def _spec(tmp_path, model, shared_data, **kw):

@@ -8,11 +8,20 @@ replaced by a recorder and keeps the exact keyword arguments (rotary `position_e
 different kwargs to different blocks, so they are kept per block. They do not depend on the batch
 size: with SDPA the full causal mask is implicit (None), and materialised masks (sliding windows,
 eager attention) come as [1, 1, S, S] and broadcast over the batch.
+
+Mixture-of-experts blocks (Mixtral, Qwen3-MoE) keep their experts fused, as transformers 5 stores
+them: `mlp.experts.gate_up_proj` [E, 2·inter, hidden] and `mlp.experts.down_proj` [E, hidden,
+inter], used as `F.linear(x, param[e])`, so each expert's slice is [out, in] like a linear's weight.
+Each slice is one prunable unit, named ``mlp.experts.gate_up_proj[3]``; `block_linears` returns an
+`ExpertMatrix` for it, whose `.weight` is a view into the fused parameter, so ratios, masks,
+statistics, sparsity reports and allocators see one more linear-like matrix. The router
+(`mlp.gate`) is never pruned. `family_for(config)` lists the units of the config's expert count.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,6 +31,41 @@ from torch import Tensor, nn
 from neuroal.errors import UnsupportedArchitecture
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Experts:
+    """The fused experts of a mixture-of-experts block (transformers 5 layout).
+
+    The experts module is called as ``experts(hidden [T, d], top_k_index [T, k], top_k_weights
+    [T, k])`` on the flattened tokens of the MoE block, which itself gets [b, seqlen, d]: a forward
+    pre-hook on it sees which experts every token is routed to, whatever kernel runs the experts
+    (eager, grouped_mm). Expert e computes ``down[e] @ _apply_gate(gate_up[e] @ x)`` (transformers'
+    `_apply_gate`: act(gate) · up over the two halves of the gate_up rows).
+
+    Attributes:
+        moe: path of the sparse-MoE block (input [b, seqlen, d]).
+        module: path of the experts module holding the fused parameters.
+        gate_up: its [E, 2·inter, hidden] parameter.
+        down: its [E, hidden, inter] parameter.
+        router: path of the router, never pruned (documentation and tests).
+        count: config attribute holding the number of experts.
+        uniform: (config attribute, value) pairs under which every block has the MoE MLP (Qwen3-MoE
+            can make some layers dense: `mlp_only_layers`, `decoder_sparse_step`); other values
+            are refused, since blocks of one model must share their prunable units.
+    """
+
+    moe: str = "mlp"
+    module: str = "mlp.experts"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    router: str = "mlp.gate"
+    count: str = "num_local_experts"
+    uniform: tuple[tuple[str, object], ...] = ()
+
+    def units(self, n_experts: int) -> tuple[str, ...]:
+        """Unit names, expert by expert in forward order: gate_up[0], down[0], gate_up[1], ..."""
+        return tuple(f"{self.module}.{p}[{e}]" for e in range(n_experts) for p in (self.gate_up, self.down))
 
 
 @dataclass(frozen=True)
@@ -50,6 +94,9 @@ class Family:
             models without attention.
         logit_softcap: config attribute of the final-logit tanh soft-cap the CausalLM applies
             after its lm head (Gemma's `final_logit_softcapping`); None when there is none.
+        experts: the fused experts of a mixture-of-experts block; `family_for(config)` appends
+            their units to `linears` and `mlp` (the table holds the attention linears only).
+        no_row_step: why the family has no NeuroAL row step (run.json's notes), when it has none.
     """
 
     name: str
@@ -63,10 +110,28 @@ class Family:
     row_segments: tuple[tuple[str, int], ...] = ()
     attn_implementation: str | None = "sdpa"
     logit_softcap: str | None = None
+    experts: Experts | None = None
+    no_row_step: str = ""
 
     @property
     def has_row_step(self) -> bool:
         return bool(self.row_map)
+
+    def for_config(self, config) -> Family:
+        """This family with the units that depend on the config (one pair per expert) listed.
+
+        Raises:
+            UnsupportedArchitecture: the config makes some blocks dense and others MoE.
+        """
+        if self.experts is None:
+            return self
+        for attr, value in self.experts.uniform:
+            got = getattr(config, attr, value)
+            if _as_tuple(got) != _as_tuple(value):
+                raise UnsupportedArchitecture(f"{config.model_type} with {attr}={got!r} (dense and MoE blocks mixed)",
+                                              _BY_TYPE)
+        units = self.experts.units(int(getattr(config, self.experts.count)))
+        return replace(self, linears=self.linears + units, mlp=self.mlp + units)
 
     def segments(self, producer: str) -> int:
         """How many copies of its consumer's input width a producer's output rows hold (1 unless fused)."""
@@ -101,6 +166,12 @@ _LLAMA = Family(
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 )
 
+_MOE_NO_ROW_STEP = (
+    "mixture of experts: NeuroAL runs the block step only (the row step maps one consumer's input change "
+    "onto its producers' rows, but the router sends each token to other experts, so o_proj feeds no single "
+    "consumer and each expert's statistics cover another subset of tokens)"
+)
+
 FAMILIES: tuple[Family, ...] = (
     _LLAMA,
     # Llama's layout between extra pre/post feed-forward norms; sliding-window and full attention
@@ -124,6 +195,26 @@ FAMILIES: tuple[Family, ...] = (
         ),
         mlp=("mlp.gate_up_proj", "mlp.down_proj"),
         row_segments=(("self_attn.qkv_proj", 3), ("mlp.gate_up_proj", 2)),
+    ),
+    # mixture of experts: Llama's attention, fused experts pruned expert by expert; the row step
+    # does not apply (see `no_row_step`)
+    Family(
+        name="mixtral",
+        model_types=("mixtral",),
+        blocks="model.layers",
+        head=("model.norm", "lm_head"),
+        linears=_LLAMA_LINEARS[:4],
+        experts=Experts(count="num_local_experts"),
+        no_row_step=_MOE_NO_ROW_STEP,
+    ),
+    Family(
+        name="qwen3_moe",
+        model_types=("qwen3_moe",),
+        blocks="model.layers",
+        head=("model.norm", "lm_head"),
+        linears=_LLAMA_LINEARS[:4],
+        experts=Experts(count="num_experts", uniform=(("mlp_only_layers", ()), ("decoder_sparse_step", 1))),
+        no_row_step=_MOE_NO_ROW_STEP,
     ),
     Family(
         name="opt",
@@ -214,6 +305,10 @@ FAMILIES: tuple[Family, ...] = (
 _BY_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
 
 
+def _as_tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
 def supported_model_types() -> list[str]:
     return sorted(_BY_TYPE)
 
@@ -226,9 +321,10 @@ def family_for(config) -> Family:
     """
     model_type = getattr(config, "model_type", None) or "unknown"
     try:
-        return _BY_TYPE[model_type]
+        family = _BY_TYPE[model_type]
     except KeyError:
         raise UnsupportedArchitecture(model_type, _BY_TYPE) from None
+    return family.for_config(config)
 
 
 def attn_implementation(config) -> str | None:
@@ -241,9 +337,60 @@ def get_blocks(model: nn.Module, family: Family) -> nn.ModuleList:
     return model.get_submodule(family.blocks)
 
 
-def block_linears(block: nn.Module, family: Family) -> dict[str, nn.Linear]:
-    """The prunable linears of one block, in forward order."""
-    return {name: block.get_submodule(name) for name in family.linears}
+class ExpertMatrix:
+    """One expert's matrix inside a fused [E, out, in] parameter, seen as a linear.
+
+    `.weight` is the [out, in] view ``param.data[index]``, read anew on each access: write through
+    it (``unit.weight.data.copy_(W)``, ``unit.weight.copy_(W)``) or rebind the whole parameter
+    (``unit.parameter.data = new``); rebinding ``unit.weight.data`` would change a temporary view
+    only.
+    """
+
+    def __init__(self, experts: nn.Module, spec: Experts, param: str, index: int, moe: nn.Module):
+        self.experts, self.spec, self.param, self.index, self.moe = experts, spec, param, index, moe
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        return getattr(self.experts, self.param)
+
+    @property
+    def weight(self) -> Tensor:  # [out, in]
+        return self.parameter.data[self.index]
+
+    @property
+    def out_features(self) -> int:
+        return self.parameter.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.parameter.shape[2]
+
+    @property
+    def is_gate_up(self) -> bool:
+        return self.param == self.spec.gate_up
+
+    def __repr__(self) -> str:
+        return f"ExpertMatrix({self.spec.module}.{self.param}[{self.index}], {self.out_features}x{self.in_features})"
+
+
+_UNIT = re.compile(r"(?P<module>.+)\.(?P<param>\w+)\[(?P<index>\d+)\]")
+
+
+def block_linears(block: nn.Module, family: Family) -> dict[str, nn.Module | ExpertMatrix]:
+    """The prunable units of one block, in forward order: its linears, then each expert's matrices.
+
+    Plain linears are the block's own `nn.Linear` modules; an expert's matrix is an `ExpertMatrix`
+    (a `.weight` [out, in] view, `out_features`, `in_features`).
+    """
+    out = {}
+    for name in family.linears:
+        unit = _UNIT.fullmatch(name) if family.experts is not None else None
+        if unit is None:
+            out[name] = block.get_submodule(name)
+        else:
+            out[name] = ExpertMatrix(block.get_submodule(unit["module"]), family.experts, unit["param"],
+                                     int(unit["index"]), block.get_submodule(family.experts.moe))
+    return out
 
 
 def linear_shapes(block: nn.Module, family: Family) -> dict[str, tuple[int, int]]:

@@ -15,6 +15,17 @@ One reference quirk is reproduced on purpose: its SparseGPT wrapper keeps `scale
 *scaled* input √(2/n)·x, so window k of N weighs 2/(k·N) instead of 1/N. NeuroAL's search with
 SparseGPT reads its activation norms from there (`get_forward_sparsegpt`); `HESSIAN_NORMS` is that
 statistic, used for solver methods' alignment metric by default.
+
+Experts (mixture-of-experts blocks). Each expert's matrices get statistics from the inputs that
+expert actually receives: its routed tokens (those whose top-k choice includes it) for gate_up,
+and for down its intermediate activations act(gate)·up on those tokens (recomputed in the hook
+with the expert's current gate_up weights, as the model computes them). The window rule: every
+calibration window counts once for every expert, also when it routes no token there (it adds
+zeros), so `scaler_row` = Σ_routed tokens ‖x‖² / n_windows: the dense formula for a linear whose
+input is zero on the tokens not routed to it. Wanda, SparseGPT's damping and NeuroAL's metric are
+invariant to that scale; routing weights are not applied (the expert's input is unweighted).
+Calibrating an expert on all tokens (`ExpertRule.calibrate_all`, or the fallback for an expert
+routed fewer than `ExpertRule.min_tokens` tokens) is the dense formula over every token.
 """
 
 from __future__ import annotations
@@ -25,6 +36,10 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+from neuroal.errors import SpecError
+from neuroal.families import ExpertMatrix
 
 STATS_DTYPE = torch.float32
 
@@ -64,10 +79,15 @@ class LinearStats:
         for w in range(x.shape[0]):
             self._add_window(x[w])
 
+    def add_window(self, x: Tensor) -> None:
+        """One window's tokens x [tokens, in]; none (an expert this window routes nothing to) counts too."""
+        self._zeros(x.shape[-1], x.device)
+        self._add_window(x)
+
     def _add_window(self, x: Tensor) -> None:
         inp = x.reshape(-1, x.shape[-1]).t().to(STATS_DTYPE)  # [in, tokens], as the reference
         n, k = self.n_windows, inp.shape[1]
-        if MOMENTS in self.kinds:  # WrappedGPT.add_batch
+        if MOMENTS in self.kinds and k:  # WrappedGPT.add_batch (a window without tokens leaves mean, var)
             mean = torch.mean(inp, dim=1, keepdim=True)
             var = torch.var(inp, dim=1, unbiased=False, keepdim=True)
             t = self.n_tokens
@@ -119,6 +139,30 @@ class LinearStats:
         return self.H
 
 
+@dataclass(frozen=True)
+class ExpertRule:
+    """Which tokens an expert's statistics come from (mixture-of-experts blocks).
+
+    By default its routed tokens (what it sees at inference); an expert routed fewer than
+    `min_tokens` calibration tokens in a block is calibrated on all the block's tokens instead,
+    as if every token were routed to it (a second pass over the block for those experts only),
+    and recorded as such. `calibrate_all` calibrates every expert on all tokens (llm-compressor's
+    `calibrate_all_experts`); the model's outputs never change, only the statistics.
+
+    Attributes:
+        calibrate_all: every expert's statistics over all tokens.
+        min_tokens: fewest routed tokens an expert's own statistics need (>= 1: with none, its
+            norms are zero and its Hessian singular).
+    """
+
+    calibrate_all: bool = False
+    min_tokens: int = 1
+
+    def __post_init__(self):
+        if int(self.min_tokens) < 1:
+            raise SpecError("--moe-min-tokens", self.min_tokens, "an integer >= 1")
+
+
 class StopForward(Exception):
     """Raised by a hook once the last needed statistic is recorded (skips the rest of the block)."""
 
@@ -130,17 +174,22 @@ def collect(
     *,
     stop_after: str | None = None,
     input_from: dict[str, tuple[str, int, int]] | None = None,
+    all_tokens: dict[int, frozenset] | None = None,
+    routed: dict | None = None,
 ):
     """Accumulate `LinearStats` for each linear while the context is open.
 
     Args:
-        linears: name -> module to hook.
+        linears: name -> module to hook, or an `ExpertMatrix` (hooked through its experts module).
         kinds: which sums to keep (NORMS, MOMENTS, HESSIAN).
         stop_after: if set, the hook on this linear raises StopForward after recording, so a
             forward whose output is not needed stops before computing it.
         input_from: linear -> (source linear, first column, width) for linears the block uses
             through their weight without calling them: their input is that slice of the source's
             output (recorded by a forward hook on the source).
+        all_tokens: experts module id -> experts whose statistics take every token (the others
+            take their routed tokens; see the module doc).
+        routed: if given, filled with experts module id -> [E] int64 counts of routed tokens.
 
     Yields:
         dict name -> LinearStats, filled as forwards run.
@@ -179,15 +228,67 @@ def collect(
 
         return hook
 
+    experts: dict[int, dict[str, ExpertMatrix]] = {}
     for name, module in linears.items():
-        if name in derived:
+        if isinstance(module, ExpertMatrix):
+            experts.setdefault(id(module.experts), {})[name] = module
+        elif name in derived:
             src, start, width = derived[name]
             handles.append(linears[src].register_forward_hook(make_derived(name, start, width)))
         else:
             handles.append(module.register_forward_pre_hook(make(name)))
+    for key, units in experts.items():
+        handles.extend(_hook_experts(units, stats, (all_tokens or {}).get(key, frozenset()), routed, key,
+                                     stop=stop_after in units))
     try:
         yield stats
     finally:
         last.clear()
         for h in handles:
             h.remove()
+
+
+def _hook_experts(units: dict[str, ExpertMatrix], stats: dict, everyone: frozenset, routed: dict | None, key: int,
+                  stop: bool) -> list:
+    """Hooks feeding one experts module's units their tokens, window by window.
+
+    A pre-hook on the MoE block reads the window length (it gets [b, seqlen, d]); one on the
+    experts module reads the flattened tokens [b·seqlen, d] and their top-k experts [b·seqlen, k].
+    """
+    first = next(iter(units.values()))
+    spec = first.spec
+    wanted: dict[int, dict[str, str]] = {}  # expert -> {"gate_up" | "down": unit name}
+    for name, unit in units.items():
+        wanted.setdefault(unit.index, {})["gate_up" if unit.is_gate_up else "down"] = name
+    shape = {}
+
+    def on_moe(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        shape["seqlen"] = hidden.shape[1] if hidden.dim() == 3 else 1
+
+    def on_experts(module, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).detach()  # [T, d], T = b·seqlen
+        top_k = (args[1] if len(args) > 1 else kwargs["top_k_index"]).detach()  # [T, k]
+        n_experts, seqlen = getattr(module, spec.gate_up).shape[0], shape["seqlen"]
+        hit = F.one_hot(top_k.long(), n_experts).sum(dim=1).bool()  # [T, E]: token t is routed to e
+        if routed is not None:
+            counts = hit.sum(dim=0).cpu()
+            routed[key] = counts if key not in routed else routed[key] + counts
+        per_window = hit.reshape(-1, seqlen, n_experts).sum(dim=1).t().tolist()  # [E][windows] routed counts
+        for e, names in sorted(wanted.items()):
+            if e in everyone:
+                xe, sizes = x, [seqlen] * (x.shape[0] // seqlen)
+            else:
+                xe, sizes = x[hit[:, e]], per_window[e]  # routed tokens in order, window by window
+            if "gate_up" in names:
+                for chunk in xe.split(sizes):
+                    stats[names["gate_up"]].add_window(chunk)
+            if "down" in names:
+                h = module._apply_gate(F.linear(xe, getattr(module, spec.gate_up).data[e]))  # [n_e, inter]
+                for chunk in h.split(sizes):
+                    stats[names["down"]].add_window(chunk)
+        if stop:
+            raise StopForward
+
+    return [first.moe.register_forward_pre_hook(on_moe, with_kwargs=True),
+            first.experts.register_forward_pre_hook(on_experts, with_kwargs=True)]

@@ -52,6 +52,13 @@ TINY = {
                      num_key_value_heads=4, intermediate_size=40, pad_token_id=0),  # fused qkv fits the row step
     "olmo2": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=40, pad_token_id=0, eos_token_id=0),
+    # mixture of experts (issue 13): 4 experts, top-2, fused [E, out, in] expert parameters (written
+    # per expert by save_pretrained, as hub checkpoints are)
+    "mixtral": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=40, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, intermediate_size=40, moe_intermediate_size=40,
+                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
 }
 
 
@@ -67,8 +74,8 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None)
     cfg = tiny_config(name)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # random init is small; widen weights so pruning choices are not ties
-        for p in model.parameters():
-            if p.dim() == 2:
+        for pname, p in model.named_parameters():
+            if p.dim() == 2 or (p.dim() == 3 and ".experts." in pname):  # fused experts are [E, out, in]
                 p.normal_(0, 0.2)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

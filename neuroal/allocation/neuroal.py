@@ -10,7 +10,8 @@ each candidate streams the search windows through the model, every block runs
 - Row step, on top of the best block λ: per-row ratios from that candidate's activation change
   (`row_ratios`), λ ∈ {0} ∪ the block set, scored and chosen the same way.
 - SparseGPT/APT (solver methods) run the block step only, as the reference; so do families without
-  a producer→consumer map (Mamba). `steps` says which steps run and why.
+  a producer→consumer map (Mamba) and mixture-of-experts families (`Family.no_row_step` says why).
+  `steps` says which steps run and why.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def steps(requested: str, method: Method, family: Family) -> Steps:
     if row and method.solver is not None:
         return Steps(True, False, (f"{method.name}: NeuroAL runs the block step only, as the reference code",))
     if row and not family.has_row_step:
-        return Steps(True, False, (f"{family.name}: no producer/consumer map, NeuroAL runs the block step only",))
+        why = family.no_row_step or "no producer/consumer map, NeuroAL runs the block step only"
+        return Steps(True, False, (f"{family.name}: {why}",))
     return Steps(block, row)
 
 

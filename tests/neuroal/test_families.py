@@ -11,7 +11,7 @@ from neuroal.families import (
 from neuroal.models import build_skeleton, load_config, load_full, materialize
 
 FAMILY_NAMES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2",
-                "llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2"]
+                "llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2", "mixtral", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -1,15 +1,16 @@
-"""The 2026 architectures (Llama 3, Gemma 2/3, Phi-3, OLMo 2) through `neuroal prune`: every method
-with uniform, OWL and NeuroAL reaches the target over the prunable weights and reloads."""
+"""The 2026 architectures (Llama 3, Gemma 2/3, Phi-3, OLMo 2, and the mixtures of experts Mixtral and
+Qwen3-MoE) through `neuroal prune`: every method with uniform, OWL and NeuroAL reaches the target over
+the prunable weights and reloads."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from neuroal.families import family_for
+from neuroal.families import block_linears, family_for
 from orchestrator.run import prune
 from orchestrator.spec import build_spec
 
-NEW = ["llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2"]
+NEW = ["llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2", "mixtral", "qwen3_moe"]
 METHODS = ["magnitude", "wanda", "sparsegpt", "multiflow", "apt"]
 
 
@@ -17,8 +18,8 @@ def _zeros(model) -> float:
     fam = family_for(model.config)
     zeros = total = 0
     for block in model.get_submodule(fam.blocks):
-        for name in fam.linears:
-            w = block.get_submodule(name).weight
+        for unit in block_linears(block, fam).values():  # linears and each expert's matrices
+            w = unit.weight
             zeros, total = zeros + (w == 0).sum().item(), total + w.numel()
     return zeros / total
 
@@ -39,3 +40,27 @@ def test_every_method_prunes_and_reloads(family, top_up, tiny_dirs, shared_data,
         assert _zeros(model) == pytest.approx(run["sparsity_actual"], abs=1e-6)
         with torch.no_grad():
             assert torch.isfinite(model(torch.randint(0, 1000, (1, 12))).logits).all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_dsnot_and_alpha_and_the_fused_layout(family, tiny_dirs, shared_data, tmp_path, monkeypatch):
+    """DSnoT (its MLP skip covers the experts) and AlphaPruning (α per expert matrix) run; the output keeps
+    the fused [E, out, in] experts, the router stays dense."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
+    for top_up in ("dsnot", "alpha"):
+        out = tmp_path / top_up
+        spec = build_spec(model=str(tiny_dirs[family]), method="wanda", top_up=top_up, sparsity=0.6, seqlen=24,
+                          nsamples=8, executor="local", data_dir=str(shared_data), out=str(out))
+        run = prune(spec)
+        assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.04), top_up
+        assert "0.mlp.experts.down_proj[3]" in run["layer_sparsity"]
+        keys = []
+        for f in out.glob("*.safetensors"):
+            with safe_open(f, "pt") as st:
+                keys.extend(st.keys())
+        assert "model.layers.0.mlp.experts.gate_up_proj" in keys and not any(".experts.0." in k for k in keys)
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert _zeros(model) == pytest.approx(run["sparsity_actual"], abs=1e-6)
+        assert (model.model.layers[0].mlp.gate.weight != 0).all()

@@ -44,15 +44,30 @@ def _same(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dirs, shared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref")
-    return _run(_spec(tiny_dirs["llama_gqa"], shared_data, out, executor="local", shards=1), out)
+def references(tiny_dirs, shared_data, tmp_path_factory):
+    """The in-process one-shard run of each model, made once per module when first asked for."""
+    done = {}
+
+    def get(model: str):
+        if model not in done:
+            out = tmp_path_factory.mktemp(f"ref-{model}")
+            done[model] = _run(_spec(tiny_dirs[model], shared_data, out, executor="local", shards=1), out)
+        return done[model]
+
+    return get
 
 
+@pytest.fixture(scope="module")
+def reference(references):
+    return references("llama_gqa")
+
+
+# GQA Llama, a dense family with per-block kwargs (Gemma 2's sliding/global layers) and a mixture of experts
+@pytest.mark.parametrize("model", ["llama_gqa", "gemma2", "mixtral"])
 @pytest.mark.parametrize("shards", [1, 2, 3])
-def test_ray_shards_equal_the_in_process_run(shards, ray_local, reference, tiny_dirs, shared_data, tmp_path):
-    run, weights, _ = _run(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path, executor="ray", shards=shards), tmp_path)
-    ref_run, ref_weights, _ = reference
+def test_ray_shards_equal_the_in_process_run(model, shards, ray_local, references, tiny_dirs, shared_data, tmp_path):
+    run, weights, _ = _run(_spec(tiny_dirs[model], shared_data, tmp_path, executor="ray", shards=shards), tmp_path)
+    ref_run, ref_weights, _ = references(model)
     assert (run["lambda_block"], run["lambda_row"]) == (ref_run["lambda_block"], ref_run["lambda_row"])
     for step, points in run["lambda_curves"].items():  # which losers stop early depends on timing
         ref = {p["lambda"]: p for p in ref_run["lambda_curves"][step]}

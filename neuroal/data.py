@@ -18,6 +18,7 @@ Any user file works too: `.txt` (one document), `.jsonl`/`.json[.gz]` (a `text` 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 DATA_ENV = "NEUROAL_DATA_DIR"
 DATASETS = ("wikitext2", "c4", "ptb")
-DATA_VERSION = "1"  # bump when the protocol below changes; recorded with every result
+DATA_VERSION = "2"  # bump when the protocol below changes; recorded with every result (2: offline C4 split by hash)
+VALIDATION_MOD = 10
 C4_VAL_DOCS = 1100
 C4_VAL_WINDOWS = 256
 
@@ -132,12 +134,44 @@ def _local_docs(name: str, split: str, root: Path) -> Documents:
             raise DataError(f"data: c4 needs JSON-lines files in {folder}, found none")
         tag = "train" if split == "train" else "validation"
         tagged = [p for p in files if tag in p.name]
-        if not tagged:
-            logger.warning("no c4 file named *%s* in %s: using all %d files for the %s split", tag, folder, len(files), split)
-            tagged = files
-        docs = [d for p in tagged for d in _read_json_docs(p)]
-        return Documents(docs, ",".join(str(p) for p in tagged))
+        if tagged:
+            return Documents([d for p in tagged for d in _read_json_docs(p)], ",".join(str(p) for p in tagged))
+        return _hash_split([d for p in files for d in _read_json_docs(p)], split, ",".join(str(p) for p in files))
     raise AssertionError(name)
+
+
+def in_validation(text: str) -> bool:
+    """The documented split of an unsplit local corpus: a document is validation when the first 8 hex
+    digits of the SHA-256 of its UTF-8 text, as an integer, are 0 mod 10 (~10%), else train.
+
+    Deterministic, independent of file order and of which other documents are present, so calibration
+    and evaluation are disjoint on any copy of the data.
+
+    >>> in_validation("a"), in_validation("b")
+    (True, False)
+    """
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % VALIDATION_MOD == 0
+
+
+def _hash_split(docs: list[str], split: str, files: str) -> Documents:
+    keep = [i for i, d in enumerate(docs) if in_validation(d) == (split != "train")]
+    n_val = sum(in_validation(d) for d in docs)
+    origin = (f"{files} (no named {split} split: documents split by SHA-256 of the text, 1 in {VALIDATION_MOD} to "
+              f"validation; {split}: {len(keep)} of {len(docs)} documents, indices {_ranges(keep)})")
+    logger.info("c4: %d train / %d validation documents by hash", len(docs) - n_val, n_val)
+    return Documents([docs[i] for i in keep], origin)
+
+
+def _ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8' (which documents, compactly, for run.json)."""
+    out, start = [], None
+    for k, i in enumerate(idx):
+        if start is None:
+            start = i
+        if k + 1 == len(idx) or idx[k + 1] != i + 1:
+            out.append(f"{start}" if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(out)
 
 
 def _hub_docs(name: str, split: str) -> Documents:
@@ -233,6 +267,28 @@ def _ready_ids(path: Path) -> Tensor | None:
     return t.long()
 
 
+def _check_supply(docs: Documents, tokenizer, nsamples: int, seqlen: int, source: str, cache: dict) -> None:
+    """Refuse, up front, more windows than the data holds without overlap (they would repeat text).
+
+    Tokenizes documents in order (into `cache`, which the sampling reuses) only until enough windows
+    are found, so a large corpus costs a few documents.
+    """
+    available = 0
+    for i, doc in enumerate(docs.docs):
+        if i not in cache:
+            cache[i] = tokenizer(doc).input_ids
+        if len(cache[i]) > seqlen:
+            available += len(cache[i]) // seqlen
+        if available >= nsamples:
+            return
+    if available == 0:
+        return  # the sampling loop says which document is the longest
+    name = source if source in DATASETS else Path(source).name
+    raise SpecError("--nsamples", nsamples, f"at most {available} with --seqlen {seqlen}: the {name} calibration "
+                    f"data ({len(docs.docs)} documents) holds {available} non-overlapping windows of {seqlen} "
+                    "tokens; lower --nsamples or --seqlen, or give a larger dataset")
+
+
 def calibration_windows(
     source: str,
     tokenizer,
@@ -262,8 +318,9 @@ def calibration_windows(
     docs = load_documents(source, "train", data_dir)
     if not docs.docs:
         raise DataError(f"calibration: {docs.origin} has no documents")
-    rng = random.Random(seed)
     cache: dict[int, list[int]] = {}
+    _check_supply(docs, tokenizer, nsamples, seqlen, source, cache)
+    rng = random.Random(seed)
     too_short: set[int] = set()
     windows = []
     for _ in range(nsamples):

@@ -7,6 +7,7 @@ as a safetensors folder so later loads (and every Ray shard) read tensors by nam
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import logging
@@ -18,9 +19,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from neuroal.conversions import ExpertMerges
 from neuroal.errors import ModelLoadError
 from neuroal.families import Family, attn_implementation, family_for
-from neuroal.fileio import atomic_dir
+from neuroal.fileio import atomic_dir, get_file, is_uri, join, listdir
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +74,19 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
-def resolve_model(name: str) -> Path:
-    """Return a local folder with config.json, *.safetensors and the tokenizer for `name`.
+def resolve_model(name: str, *, weights: bool = True) -> Path:
+    """Return a local folder with config.json, the tokenizer and (unless `weights=False`) *.safetensors.
+
+    `name` is the embedded default, a local checkpoint folder, a hub id, or a storage URI
+    (s3://bucket/model/, any fsspec URI). With `weights=False` a hub id or a URI brings only the
+    config, tokenizer and safetensors index (a driver needs no more); a shard then fetches just the
+    files holding its tensors (`weight_fetcher`). Local folders and the default are complete.
 
     Raises:
-        ModelLoadError: the name is neither the default, a readable folder, nor reachable on the hub.
+        ModelLoadError: the name is neither the default, a readable folder, a readable URI, nor on the hub.
     """
+    if is_uri(name):
+        return _from_storage(name, weights)
     if name == DEFAULT_MODEL:
         final = cache_root() / "models" / DEFAULT_MODEL
         if not (final / "config.json").exists():
@@ -92,7 +101,7 @@ def resolve_model(name: str) -> Path:
             return path
         return _safetensors_copy(path, name)
     if name.count("/") == 1 and not name.startswith((".", "/")):
-        return _from_hub(name)
+        return _from_hub(name, weights)
     raise ModelLoadError(
         f"model: cannot read {name!r}; give a local checkpoint folder, a hub id (org/name) or {DEFAULT_MODEL!r}"
     )
@@ -114,17 +123,69 @@ def _safetensors_copy(path: Path, name: str) -> Path:
     return final
 
 
-def _from_hub(repo_id: str) -> Path:
+_METADATA = ("*.json", "tokenizer*", "*.model", "*.txt", "*.jinja")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _from_hub(repo_id: str, weights: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(
-            repo_id,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
-        )
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(_METADATA) + (["*.safetensors"] if weights else [])))
+        if not weights and not (folder / INDEX_FILE).exists():  # one unindexed file: every shard needs it
+            folder = Path(snapshot_download(repo_id, allow_patterns=list(_METADATA) + ["*.safetensors"]))
     except Exception as exc:  # offline, gated, missing: one clear line
-        raise ModelLoadError(f"model: cannot fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc})") from exc
-    return Path(folder)
+        why = " ".join(str(exc).split())  # huggingface_hub's messages span several lines
+        raise ModelLoadError(f"model: cannot fetch {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {why})") from exc
+    return folder
+
+
+def _storage_cache(uri: str) -> Path:
+    return cache_root() / "remote" / re.sub(r"[^A-Za-z0-9._-]+", "--", uri.rstrip("/"))
+
+
+def _from_storage(uri: str, weights: bool) -> Path:
+    """The metadata (and weights) of a checkpoint in object storage, mirrored file by file in the cache."""
+    folder = _storage_cache(uri)
+    try:
+        names = listdir(uri)
+        if "config.json" not in names:
+            raise ModelLoadError(f"model: {uri!r} holds no config.json (found: {', '.join(names[:8]) or 'nothing'})")
+        every = weights or INDEX_FILE not in names
+        for name in names:
+            meta = any(fnmatch.fnmatch(name, pat) for pat in _METADATA)
+            if meta or (every and name.endswith(".safetensors")):
+                if meta or not (folder / name).exists():
+                    get_file(join(uri, name), folder / name)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"model: cannot read {uri!r} ({type(exc).__name__}: {exc})") from exc
+    return folder
+
+
+def weight_fetcher(name: str):
+    """For a hub id or a URI, a function that brings one missing weight file into the local folder."""
+    if is_uri(name):
+        def fetch_object(path: Path) -> None:
+            try:
+                get_file(join(name, path.name), path)
+            except Exception as exc:
+                raise ModelLoadError(f"model: cannot fetch {path.name} from {name!r} ({type(exc).__name__}: {exc})") from exc
+
+        return fetch_object
+    if name != DEFAULT_MODEL and not Path(name).expanduser().exists() and name.count("/") == 1:
+        def fetch(path: Path) -> None:
+            from huggingface_hub import hf_hub_download
+
+            try:  # the snapshot folder is named by its commit: every shard reads the same revision
+                hf_hub_download(name, path.name, revision=path.parent.name)
+            except Exception as exc:
+                why = " ".join(str(exc).split())
+                raise ModelLoadError(f"model: cannot fetch {path.name} of {name!r} ({type(exc).__name__}: {why})") from exc
+
+        return fetch
+    return None
 
 
 def load_config(folder: Path):
@@ -201,11 +262,16 @@ def materialize(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    fetch=None,
 ) -> list[str]:
     """Load the checkpoint tensors whose model name satisfies `wanted(name)`, one tensor at a time.
 
     Never reads the tensors it does not need, so a shard holds only its blocks. Tied output
     embeddings (absent from the checkpoint) are filled from the input embedding.
+
+    Args:
+        fetch: brings a missing safetensors file into `folder` (`weight_fetcher`): a shard then
+            downloads only the files that hold its tensors.
 
     Returns:
         The model parameter/buffer names that were loaded.
@@ -216,18 +282,26 @@ def materialize(
     prefix = getattr(model, "base_model_prefix", "")
     renames = checkpoint_renames(model)
     by_file: dict[Path, list[tuple[str, str]]] = {}
+    merges = ExpertMerges(model, renames)  # per-expert checkpoint tensors of fused MoE experts
     for ckpt_name, file in tensor_index(folder).items():
         key = _model_key(ckpt_name, state_keys, prefix, renames)
+        if key is None and merges.add(ckpt_name, file, lambda n: _model_key(n, state_keys, prefix), wanted):
+            continue
         if key is not None and wanted(key):
             by_file.setdefault(file, []).append((ckpt_name, key))
     loaded = []
     for file, names in by_file.items():
+        if not file.exists() and fetch is not None:
+            fetch(file)
         with safe_open(file, "pt", device="cpu") as f:
             for ckpt_name, key in names:
                 t = f.get_tensor(ckpt_name)
                 t = t.to(dtype) if t.is_floating_point() else t
                 set_module_tensor_to_device(model, key, device, value=t)
                 loaded.append(key)
+    for key, t in merges.tensors(fetch, dtype):
+        set_module_tensor_to_device(model, key, device, value=t)
+        loaded.append(key)
     _tie_if_needed(model, loaded, wanted, device)
     return loaded
 

@@ -50,7 +50,8 @@ class _Reporter:
 
     def __call__(self, event: str, **info) -> None:
         if event == "resumed":
-            self.progress.console.print(f"[green]already done:[/] {info['out']} (same spec; pass --overwrite to redo)")
+            self.progress.console.print(f"[green]already pruned:[/] {info['out']} (same spec; only missing "
+                                        "evaluations are computed; pass --overwrite to redo)")
         elif event == "open":
             self.n_blocks = info["n_blocks"]
         elif event == "phase":
@@ -82,6 +83,9 @@ def summary_table(run: dict) -> Table:
         t.add_row("λ block", f"{run['lambda_block']:.2f}")
     if run.get("lambda_row") is not None:
         t.add_row("λ row", f"{run['lambda_row']:.2f}")
+    for step, c in (run.get("allocation_extra") or {}).get("tie_check", {}).items():
+        if c.get("margin") is not None and c.get("noise") is not None:
+            t.add_row(f"λ {step} lead / noise", f"{c['margin']:.3g} / {c['noise']:.3g}" + (" NEAR TIE" if c["near_tie"] else ""))
     for name, v in run.get("perplexity_dense", {}).items():
         t.add_row(f"ppl {name} dense", f"{v:.3f}")
     for name, v in run.get("perplexity", {}).items():
@@ -121,6 +125,10 @@ def prune(
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"),
     device: str = typer.Option("auto", help="auto (a GPU where Ray or this machine has one, else CPU), cpu, cuda"),
     early_stop: bool = typer.Option(True, help="stop λ candidates that can no longer win (exact)"),
+    neuroal_tie_check: bool = typer.Option(True, help="NeuroAL: re-score each step's best two to bound float noise"),
+    neuroal_tie_rule: str = typer.Option("lowest", help="NeuroAL near ties: lowest (the reference) or reference-order"),
+    moe_calibrate_all_experts: bool = typer.Option(False, help="MoE: every expert's statistics over all tokens"),
+    moe_min_tokens: int = typer.Option(1, help="MoE: an expert routed fewer calibration tokens is calibrated on all"),
     store: Optional[str] = typer.Option(None, help="results store folder (default $NEUROAL_STORE or runs/store)"),
     overwrite: bool = typer.Option(False, help="redo a finished run in --out"),
     check: bool = typer.Option(False, "--check", help="validate the flags and print the spec, run nothing"),
@@ -136,7 +144,9 @@ def prune(
             pattern=pattern, granularity=granularity, calibration=calibration, nsamples=nsamples,
             seqlen=seqlen, seed=seed, eval=eval, eval_dense=eval_dense, eval_windows=eval_windows, zeroshot=zeroshot, zeroshot_limit=zeroshot_limit, data_dir=data_dir, out=out,
             shards=shards, gpu_mem=gpu_mem, address=address or os.environ.get("RAY_ADDRESS"), executor=executor,
-            dtype=dtype, device=device, early_stop=early_stop,
+            dtype=dtype, device=device, early_stop=early_stop, moe_calibrate_all_experts=moe_calibrate_all_experts,
+            neuroal_tie_check=neuroal_tie_check, neuroal_tie_rule=neuroal_tie_rule,
+            moe_min_tokens=moe_min_tokens,
         )
         if check:
             Console().print_json(spec.model_dump_json())
@@ -145,6 +155,49 @@ def prune(
     except NeuroalError as exc:
         _fail(exc)
     Console().print(summary_table(run))
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., help="a run folder (its run.json gains the metrics), a checkpoint folder or hub id"),
+    eval: str = typer.Option("", help="comma list of wikitext2,c4,ptb or files"),
+    zeroshot: str = typer.Option("", help="comma list of lm-eval tasks"),
+    seqlen: Optional[int] = typer.Option(None, help="tokens per perplexity window (default: the run's, else 2048)"),
+    eval_windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (default: all)"),
+    zeroshot_limit: Optional[int] = typer.Option(None, help="documents per zero-shot task (default: all)"),
+    data_dir: Optional[str] = typer.Option(None, help="local data folder (default: $NEUROAL_DATA_DIR, else the hub)"),
+    shards: int = typer.Option(1), executor: str = typer.Option("ray"), address: Optional[str] = typer.Option(None),
+    dtype: str = typer.Option("auto"), device: str = typer.Option("auto"),
+    store: Optional[str] = typer.Option(None, help="results store (default $NEUROAL_STORE or runs/store)"),
+):
+    """Evaluate without pruning: perplexity through the shards, zero-shot via lm-eval; rows to the store."""
+    _setup_logging(False)
+    from orchestrator.eval_run import evaluate_model
+    from orchestrator.outputs import read_run
+    from orchestrator.spec import build_spec
+    from orchestrator.store import append_run_rows
+
+    try:
+        checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, dtype=dtype, device=device)
+        if not checked.eval and not checked.zeroshot:
+            raise NeuroalError("--eval/--zeroshot: nothing to evaluate; give at least one dataset or task")
+        previous = read_run(model)
+        seqlen = seqlen or (previous["spec"]["seqlen"] if previous else 2048)
+        run = evaluate_model(model, perplexity_sets=checked.eval, seqlen=seqlen, windows=eval_windows,
+                             zeroshot_tasks=checked.zeroshot, limit=zeroshot_limit, data_dir=data_dir,
+                             executor=executor, shards=shards, dtype=dtype, device=device,
+                             address=address or os.environ.get("RAY_ADDRESS"))
+        append_run_rows(run, store)
+    except NeuroalError as exc:
+        _fail(exc)
+    t = Table(title=f"{model} · {run['spec']['method']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for name, v in run.get("perplexity", {}).items():
+        t.add_row(f"ppl {name} (seqlen {run['eval_data'][name]['seqlen']})", f"{v:.3f}")
+    for r in run.get("zeroshot", []):
+        t.add_row(f"{r['task']} {r['metric']}", f"{r['value']:.4f} ± {r['stderr']:.4f}")
+    Console().print(t)
 
 
 @app.command()

@@ -56,10 +56,62 @@ def perplexity(
                                             "tokens": int(ids.numel())}
 
 
+def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None = None,
+             zeroshot_tasks=(), limit: int | None = None, data_dir=None, timings: dict | None = None) -> dict:
+    """Perplexities through the session's shards and zero-shot tasks on the checkpoint at `location`.
+
+    Returns {"perplexity": {name: value}, "eval_data": {name: info}, "zeroshot": [rows]}, each result
+    carrying its `eval_key`, so a store never mixes evaluations made differently.
+    """
+    import time
+
+    from orchestrator.spec import eval_key
+
+    timings = {} if timings is None else timings
+    out = {"perplexity": {}, "eval_data": {}, "zeroshot": []}
+    t = time.perf_counter()
+    for name in perplexity_sets:
+        value, info = perplexity(session, name, seqlen, data_dir, max_windows=windows)
+        out["perplexity"][name] = value
+        out["eval_data"][name] = dict(info, seqlen=seqlen, eval_key=eval_key("perplexity", name, seqlen=seqlen,
+                                                                             windows=windows))
+    timings["eval"] = timings.get("eval", 0.0) + time.perf_counter() - t
+    if zeroshot_tasks:
+        t = time.perf_counter()
+        rows = zeroshot_where_the_gpus_are(session, location, list(zeroshot_tasks), data_dir, limit)
+        out["zeroshot"] = [dict(r, eval_key=eval_key("zeroshot", r["task"], limit=limit)) for r in rows]
+        timings["zeroshot"] = timings.get("zeroshot", 0.0) + time.perf_counter() - t
+    return out
+
+
+def missing(run: dict, *, perplexity_sets, seqlen, windows, zeroshot_tasks, limit) -> tuple[list, list]:
+    """The requested evaluations a run.json does not hold yet (made the same way)."""
+    from orchestrator.spec import eval_key
+
+    data = run.get("eval_data", {})
+    ppl = [n for n in perplexity_sets
+           if data.get(n, {}).get("eval_key") != eval_key("perplexity", n, seqlen=seqlen, windows=windows)]
+    have = {(r["task"], r.get("eval_key")) for r in run.get("zeroshot", [])}
+    zs = [t for t in zeroshot_tasks if (t, eval_key("zeroshot", t, limit=limit)) not in have]
+    return ppl, zs
+
+
+def merge(run: dict, new: dict) -> dict:
+    """`run` with the new evaluations added (replacing older ones of the same name)."""
+    out = dict(run)
+    out["perplexity"] = {**run.get("perplexity", {}), **new["perplexity"]}
+    out["eval_data"] = {**run.get("eval_data", {}), **new["eval_data"]}
+    tasks = {r["task"] for r in new["zeroshot"]}
+    out["zeroshot"] = [r for r in run.get("zeroshot", []) if r["task"] not in tasks] + new["zeroshot"]
+    return out
+
+
 def local_checkpoint(location: str) -> tuple[Path, object]:
     """A local folder holding the checkpoint at `location` (downloaded when it is a URI), and a cleanup."""
     if not fileio.is_uri(location):
-        return Path(location), None
+        from neuroal.models import resolve_model
+
+        return (Path(location) if Path(location).exists() else resolve_model(location)), None
     tmp = tempfile.TemporaryDirectory(prefix="neuroal-ckpt-")
     for name in fileio.listdir(location):
         if not name.startswith("_") and "." in name:
@@ -100,7 +152,8 @@ def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir
     """Zero-shot on the checkpoint: in process for an in-process run, else a Ray task with the GPUs
     the shards had (never the whole model inside the driver).
 
-    A local `location` lives on the driver's machine, so the task is pinned to that node.
+    A local `location` lives on the driver's machine, so the task is pinned to that node (and its
+    GPUs, if it has any); with a storage-URI `--out` it runs on any node with the GPUs.
     """
     placement = getattr(session.chain, "placement", None)
     if placement is None:
@@ -108,9 +161,12 @@ def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    opts = {"num_gpus": session.chain.n_shards if placement.uses_gpu else 0, "num_cpus": 1}
-    if not fileio.is_uri(location):
-        opts = {"num_cpus": 0, "num_gpus": opts["num_gpus"], "scheduling_strategy":
-                NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+    gpus = session.chain.n_shards if placement.uses_gpu else 0
+    opts = {"num_gpus": gpus, "num_cpus": 1}
+    if not fileio.is_uri(location):  # pinned to the driver's node, with the GPUs that node has (often none)
+        here = ray.get_runtime_context().get_node_id()
+        node_gpus = next((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["NodeID"] == here), 0)
+        opts = {"num_cpus": 0, "num_gpus": min(gpus, int(node_gpus)),
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
     task = ray.remote(zeroshot).options(max_retries=2, retry_exceptions=[TransientError], **opts)
     return ray.get(task.remote(location, list(tasks), None if data_dir is None else str(data_dir), limit))

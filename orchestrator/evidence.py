@@ -35,7 +35,8 @@ def _nothing(allocator, session, calib, opts, **_):
 
 
 def _block_stats(allocator, session: Session, calib, opts: PruneOptions, **_):
-    task = Dense(kinds=allocator.stats_kinds, summary=allocator.block_summary, max_tokens=opts.max_tokens)
+    task = Dense(kinds=allocator.stats_kinds, summary=allocator.block_summary, max_tokens=opts.max_tokens,
+                 experts=opts.experts)
     runs = run_stream(session.chain, task, session.embed(_windows(calib, allocator)))[1]
     return [run.records[b].summary for run in runs for b in sorted(run.records)]
 
@@ -56,33 +57,37 @@ class StreamScorer:
     (exact: `pipeline.race_streams`).
     """
 
-    def __init__(self, session: Session, hidden, opts: PruneOptions, *, early_stop: bool = True,
+    def __init__(self, session: Session, windows, opts: PruneOptions, *, early_stop: bool = True,
                  on_candidate: Callable | None = None):
-        self.session, self.hidden, self.opts, self.early_stop = session, hidden, opts, early_stop
+        self.session, self.windows, self.opts, self.early_stop = session, windows, opts, early_stop
+        self.hidden = session.embed(windows)
+        self._reversed = None
         self.max_in_flight = session.chain.n_shards + 1 if session.parallel else 1
         self.on_candidate = on_candidate or (lambda step, key, score: None)
 
-    def __call__(self, step: str, candidates: Mapping, *, first, want_alignment: bool) -> dict:
+    def __call__(self, step: str, candidates: Mapping, *, first, want_alignment: bool, reverse: bool = False) -> dict:
+        if reverse and self._reversed is None:
+            self._reversed = self.session.embed(self.windows.flip(0))
+        hidden = self._reversed if reverse else self.hidden
+
         def task_for(key, shard, bound):
             return Score(ratios=self.session.ratios_of(shard, candidates[key]), opts=self.opts,
                          want_alignment=want_alignment, stop_above=bound)
 
-        outcomes = race_streams(self.session.chain, priority_order(list(candidates), first), task_for, self.hidden,
-                                max_in_flight=self.max_in_flight, early_stop=self.early_stop)
-        scores = {}
-        for key in candidates:
-            o = outcomes[key]
+        def score(o) -> CandidateScore:
             alignment = None
             if want_alignment and o.total is not None:
                 alignment = {b: rec.alignment for run in o.records for b, rec in run.records.items()}
-            scores[key] = CandidateScore(o.total, o.partial, alignment)
-            self.on_candidate(step, key, scores[key])
-        return scores
+            return CandidateScore(o.total, o.partial, alignment)
+
+        outcomes = race_streams(self.session.chain, priority_order(list(candidates), first), task_for, hidden,
+                                max_in_flight=self.max_in_flight, early_stop=self.early_stop and not reverse,
+                                on_done=None if reverse else lambda key, o: self.on_candidate(step, key, score(o)))
+        return {key: score(outcomes[key]) for key in candidates}
 
 
 def _alignment(allocator, session: Session, calib, opts: PruneOptions, *, early_stop=True, on_candidate=None):
-    return StreamScorer(session, session.embed(_windows(calib, allocator)), opts, early_stop=early_stop,
-                        on_candidate=on_candidate)
+    return StreamScorer(session, _windows(calib, allocator), opts, early_stop=early_stop, on_candidate=on_candidate)
 
 
 COLLECTORS = {

@@ -134,9 +134,16 @@ def save_checkpoint(session, location: str, *, direct: bool) -> None:
                 fileio.put_file(f.name, fileio.join(location, part["file"]))
         maps.append(part["weight_map"])
         total += part["bytes"]
+    stored = chain.get(chain.call(0, Shard.report))["dtype"]
     for name in _COPY:
         src = session.model_dir / name
-        if src.exists():
+        if name == "config.json":  # say the dtype the weights are stored in, not the source's
+            config = json.loads(src.read_text())
+            for key in ("dtype", "torch_dtype"):
+                if key in config or key == "dtype":
+                    config[key] = stored
+            fileio.write_text(fileio.join(location, name), json.dumps(config, indent=2) + "\n")
+        elif src.exists():
             fileio.put_file(src, fileio.join(location, name))
     weight_map = {k: v for m in maps for k, v in m.items()}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

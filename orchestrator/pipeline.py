@@ -71,6 +71,11 @@ class LocalChain:
 
     configure = call  # in-process shards never restart: nothing to replay
 
+    def set_progress(self, callback) -> None:
+        """Call `callback(kind, block)` for every block a shard finishes."""
+        for shard in self.shards:
+            shard.on_block = callback
+
     def wait(self, handles):
         return list(handles)
 
@@ -123,6 +128,7 @@ def race_streams(
     *,
     max_in_flight: int,
     early_stop: bool = True,
+    on_done: Callable[[Any, StreamOutcome], None] | None = None,
 ) -> dict[Any, StreamOutcome]:
     """Run one scoring stream per key through the chain, `max_in_flight` at a time; stop losers.
 
@@ -131,7 +137,8 @@ def race_streams(
     already exceeds the best finished total cannot win or tie, so it stops there, also inside a
     shard between two blocks (`task_for(key, shard, bound)` puts the bound in the task). This is
     exact: the argmin is unchanged, and ties still finish so the caller resolves them in key order.
-    Streams start in the order of `keys`, so put a likely winner first.
+    Streams start in the order of `keys`, so put a likely winner first. `on_done(key, outcome)` is
+    called as each stream finishes or stops (progress).
     """
     waiting = list(keys)
     active: list[dict] = []
@@ -161,10 +168,14 @@ def race_streams(
                 active.remove(st)
                 outcomes[st["key"]] = StreamOutcome(st["key"], None, st["partial"], [])
                 logger.debug("stream %s stopped at %.6g > %.6g", st["key"], st["partial"], best)
+                if on_done is not None:
+                    on_done(st["key"], outcomes[st["key"]])
             elif st["shard"] == chain.n_shards:
                 active.remove(st)
                 outcomes[st["key"]] = StreamOutcome(st["key"], st["partial"], st["partial"], st["records"])
                 best = min(best, st["partial"])
+                if on_done is not None:
+                    on_done(st["key"], outcomes[st["key"]])
             else:
                 submit(st, st["out"])
         start_next()

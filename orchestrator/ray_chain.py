@@ -15,6 +15,7 @@ from pathlib import Path
 
 from orchestrator.pipeline import num_returns
 from orchestrator.placement import PlacementError, place_shards
+from orchestrator.shard import ShardStateLost
 
 logger = logging.getLogger(__name__)
 
@@ -37,24 +38,48 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def _progress_sink_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressSink:
+        """Collects (shard, kind, block) events from the actors; the driver drains it periodically."""
+
+        def __init__(self):
+            self.events = []
+
+        def report(self, shard: int, kind: str, block: int) -> None:
+            self.events.append((shard, kind, block))
+
+        def drain(self) -> list:
+            out, self.events = self.events, []
+            return out
+
+    return ProgressSink
+
+
 def _shard_actor_class():
     import ray
 
     from orchestrator.shard import Shard
 
     class ShardActor(Shard):
-        """The plain Shard, with torch threads matched to the actor's CPU share."""
+        """The plain Shard, with torch threads matched to the actor's CPU share; it reports each block."""
 
-        def __init__(self, model, spec, dtype, device, threads, resume_dir):
+        def __init__(self, model, spec, dtype, device, threads, resume_dir, sink):
             import torch
 
             if threads:
                 torch.set_num_threads(threads)
             super().__init__(model, spec, dtype=dtype, device=device, resume_dir=resume_dir,
                              gpu_given=bool(ray.get_gpu_ids()))
+            self.on_block = lambda kind, b: sink.report.remote(spec.index, kind, b)
 
         def ping(self) -> int:
             return os.getpid()
+
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
 
     return ray.remote(ShardActor)
 
@@ -71,11 +96,11 @@ class Handle:
 class RayChain:
     """Shards as Ray actors; calls return handles and never block.
 
-    Fault tolerance: actors restart (`max_restarts`) and reload their blocks (pruned ones from
-    their checkpoint). When `get` finds a call lost to a dead actor, the chain waits for the
-    restart, replays the state the actor was given (block kwargs), and resubmits the call with
-    the same inputs; the driver sees the same result. Inputs are earlier results held by the
-    driver, so nothing upstream is recomputed.
+    Fault tolerance: actors restart (`max_restarts`), on another node if theirs was lost, and
+    reload their blocks (pruned ones from their checkpoint). When `get` finds a call lost to a
+    dead actor (or its input lost with a node's object store), the chain recovers the lost inputs
+    first (resubmitting their calls), waits for the restart, replays the state the actor was given
+    (`configure` calls: block kwargs), and resubmits the call; the driver sees the same result.
     """
 
     parallel = True
@@ -106,6 +131,8 @@ class RayChain:
         self._state: list[list[tuple[str, tuple]]] = [[] for _ in self.specs]
         self.placement = place_shards(self.n_shards, device)
         p = self.placement
+        self.sink = _progress_sink_class().remote()
+        self._progress_thread = None
         self.pgs, self.actors = [], []
         cls = _shard_actor_class()
         first = 0
@@ -130,7 +157,7 @@ class RayChain:
                 actor_device = "auto" if p.uses_gpu else "cpu"
                 self.actors.append(cls.options(**opts).remote(
                     str(model), self.specs[first + j], dtype, actor_device, p.threads,
-                    None if resume_dir is None else str(resume_dir)))
+                    None if resume_dir is None else str(resume_dir), self.sink))
             first += size
         self._pids = ray.get([a.ping.remote() for a in self.actors])  # a new pid = a restarted actor
 
@@ -178,7 +205,13 @@ class RayChain:
         for attempt in range(self.max_restarts + 1):
             try:
                 return ray.get(handle.ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.ObjectLostError, ray.exceptions.RayTaskError) as exc:
+                # an actor, or a node with its objects, was lost; or a call reached the restarted actor
+                # before its state was replayed (ShardStateLost): all recovered the same way
+                lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
+                if not isinstance(exc, lost) and not isinstance(getattr(exc, "cause", None), ShardStateLost):
+                    raise
                 if attempt == self.max_restarts:
                     raise
                 shard = handle.call[0]
@@ -216,10 +249,36 @@ class RayChain:
             ray.get(getattr(self.actors[shard], name).remote(*self._refs(args)))
         self.recoveries += 1
 
+    def node_ids(self) -> list[str]:
+        """The Ray node each shard's actor runs on, in chain order."""
+        import ray
+
+        return ray.get([a.node_id.remote() for a in self.actors])
+
     def peak_rss(self) -> list[int]:
         import ray
 
         return [r["peak_rss_bytes"] for r in ray.get([a.report.remote() for a in self.actors])]
+
+    def set_progress(self, callback, interval_s: float = 0.5) -> None:
+        """Call `callback(kind, block)` for every block an actor finishes (polled in a thread)."""
+        import threading
+
+        import ray
+
+        stop = threading.Event()
+
+        def poll():
+            while not stop.wait(interval_s):
+                try:
+                    events = ray.get(self.sink.drain.remote(), timeout=30)
+                except Exception:  # a progress bar is never worth failing the run
+                    continue
+                for _shard, kind, b in events:
+                    callback(kind, b)
+
+        self._progress_thread = (threading.Thread(target=poll, daemon=True, name="neuroal-progress"), stop)
+        self._progress_thread[0].start()
 
     def _remove_groups(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -230,8 +289,13 @@ class RayChain:
     def close(self) -> None:
         import ray
 
+        if self._progress_thread is not None:
+            self._progress_thread[1].set()
+            self._progress_thread[0].join(timeout=5)
+
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self._remove_groups()
+        ray.kill(self.sink)
         if self._started:
             ray.shutdown()

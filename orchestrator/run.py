@@ -24,10 +24,13 @@ from neuroal import __version__
 from neuroal.allocation import ALLOCATORS, Allocation, AllocationProblem, Allocator
 from neuroal.block import PruneOptions
 from neuroal.data import DATA_VERSION, calibration_windows, resolve_data_dir
-from neuroal.errors import NeuroalError
+from neuroal.errors import NeuroalError, SpecError
+from neuroal.families import family_for
 from neuroal import fileio
 from neuroal.methods import METHODS, parse_pattern
+from neuroal.models import load_config, load_tokenizer, resolve_model
 from neuroal.refiners import REFINERS
+from neuroal.stats import ExpertRule
 from orchestrator import evaluate
 from orchestrator.evidence import collect
 from orchestrator.pipeline import run_stream
@@ -64,6 +67,7 @@ def prune_options(spec: PruneSpec) -> PruneOptions:
         percdamp=spec.percdamp,
         refiner=REFINERS.get(name).from_fields(spec.model_dump()) if name else None,
         max_tokens=spec.max_tokens,
+        experts=ExpertRule(calibrate_all=spec.moe_calibrate_all_experts, min_tokens=spec.moe_min_tokens),
     )
 
 
@@ -77,6 +81,40 @@ def session_for(spec: PruneSpec, *, resume_dir: Path | None = None) -> Session:
         session.close()
         raise
     return session
+
+
+def check_memory(spec: PruneSpec, config) -> None:
+    """Refuse, up front, a final pass whose hidden states cannot fit this machine's free memory.
+
+    The final pass holds every calibration window's hidden states twice (a block's input and output).
+    Checked where that memory is this machine's (in process, or an embedded Ray instance); on a cluster
+    the actors' nodes hold it.
+    """
+    if spec.executor == "ray" and spec.address:
+        return
+    import psutil
+
+    from neuroal.devices import resolve_dtype
+
+    hidden = int(getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "hidden_size", 0))
+    e = torch.tensor([], dtype=resolve_dtype(spec.dtype, torch.device("cpu"))).element_size()
+    need = 2 * spec.nsamples * spec.seqlen * hidden * e
+    free = psutil.virtual_memory().available
+    if hidden and need > free:
+        fits = free // (2 * spec.seqlen * hidden * e)
+        raise SpecError("--nsamples", spec.nsamples, f"at most {fits} with --seqlen {spec.seqlen}: the final pass holds "
+                        f"2 x nsamples x seqlen x hidden ({hidden}) x {e} bytes = {need / 1e9:.1f} GB, and this machine "
+                        f"has {free / 1e9:.1f} GB free")
+
+
+def preflight(spec: PruneSpec) -> tuple[torch.Tensor, str]:
+    """The up-front checks and the calibration tokens, before any actor starts or anything is written."""
+    model_dir = resolve_model(spec.model, weights=False)
+    config = load_config(model_dir)
+    family_for(config)  # an unsupported architecture fails here
+    check_memory(spec, config)
+    return calibration_windows(spec.calibration, load_tokenizer(model_dir), spec.nsamples, spec.seqlen, spec.seed,
+                               resolve_data_dir(spec.data_dir))
 
 
 # ---------------------------------------------------------------- the stages
@@ -117,6 +155,17 @@ def sparsity_report(records: dict, shapes) -> dict:
     return {"sparsity_actual": zeros / total, "layer_sparsity": layers, "row_sparsity": rows}
 
 
+def moe_report(records: dict, rule: ExpertRule) -> dict:
+    """How each block's experts were calibrated in the final pass (mixture-of-experts models only)."""
+    blocks = {str(b): {path: {"routed_tokens": list(c.routed_tokens), "all_tokens": list(c.all_tokens), "rule": c.rule}
+                       for path, c in rec.experts.items()} for b, rec in sorted(records.items()) if rec.experts}
+    if not blocks:
+        return {}
+    starved = sum(len(m["all_tokens"]) for blk in blocks.values() for m in blk.values())
+    return {"moe_calibration": {"calibrate_all_experts": rule.calibrate_all, "min_tokens": rule.min_tokens,
+                                "experts_on_all_tokens": starved, "blocks": blocks}}
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -146,24 +195,26 @@ def _restore_or_allocate(spec, session, calib, opts, progress, resume_dir: Path 
 
 
 def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = None, progress: Progress = _noop,
-            resume_dir: str | Path | None = None) -> dict:
+            resume_dir: str | Path | None = None, calibration: tuple[torch.Tensor, str] | None = None) -> dict:
     """Run a prune into `out_dir` (a fresh local folder, or a URI); returns the run.json content.
 
     Args:
         session: an open session to prune (left open); None opens one for this call.
+        calibration: the calibration windows and their origin (`preflight`); None computes them.
     """
     if session is None:
         session = session_for(spec, resume_dir=resume_dir)
         try:
-            return execute(spec, out_dir, session=session, progress=progress, resume_dir=resume_dir)
+            return execute(spec, out_dir, session=session, progress=progress, resume_dir=resume_dir,
+                           calibration=calibration)
         finally:
             session.close()
     timings: dict[str, float] = {}
     data_dir = resolve_data_dir(spec.data_dir)
     opts = prune_options(spec)
     t = time.perf_counter()
-    calib, calib_origin = calibration_windows(spec.calibration, session.tokenizer, spec.nsamples, spec.seqlen,
-                                              spec.seed, data_dir)
+    calib, calib_origin = calibration or calibration_windows(spec.calibration, session.tokenizer, spec.nsamples,
+                                                             spec.seqlen, spec.seed, data_dir)
     timings["calibration"] = time.perf_counter() - t
 
     def timed(phase: str, fn, *args, **kw):
@@ -174,21 +225,25 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
         finally:
             timings[phase] = time.perf_counter() - t0
 
-    def ppl_all():
-        return {name: evaluate.perplexity(session, name, spec.seqlen, data_dir, max_windows=spec.eval_windows)
-                for name in spec.eval}
+    def evals(location=None, zeroshot=(), times=None):
+        return evaluate.evaluate(session, location, perplexity_sets=spec.eval, seqlen=spec.seqlen,
+                                 windows=spec.eval_windows, zeroshot_tasks=zeroshot, limit=spec.zeroshot_limit,
+                                 data_dir=data_dir, timings=times)
 
-    ppl_dense = {k: v[0] for k, v in timed("eval_dense", ppl_all).items()} if spec.eval_dense else {}
+    ppl_dense = timed("eval_dense", evals)["perplexity"] if spec.eval_dense else {}
     alloc = timed("allocation", _restore_or_allocate, spec, session, calib, opts, progress, resume_dir)
     timings.update(alloc.extra.pop("timings_s", {}))
     records = timed("prune", final_prune, session, calib, alloc.ratios, opts)
     direct = fileio.is_uri(out_dir) or not session.parallel  # else a Ray actor may be on another machine
     timed("save", save_checkpoint, session, str(out_dir), direct=direct)
-    evals = timed("eval", ppl_all)
-    zeroshot = timed("zeroshot", evaluate.zeroshot_where_the_gpus_are, session, str(out_dir), spec.zeroshot,
-                     spec.data_dir, spec.zeroshot_limit) if spec.zeroshot else []
+    progress("phase", name="eval")
+    results = evals(str(out_dir), spec.zeroshot, timings)
     block_mean = [float(np.mean([np.mean(alloc.ratios[b][n]) for n in session.family.linears]))
                   for b in range(session.n_blocks)]
+    moe = moe_report(records, opts.experts)
+    starved = moe.get("moe_calibration", {}).get("experts_on_all_tokens", 0)
+    notes = alloc.notes + ([f"{starved} expert(s) routed fewer than {opts.experts.min_tokens} calibration token(s) in a "
+                            "block were calibrated on all of the block's tokens"] if starved and not opts.experts.calibrate_all else [])
     return {
         "spec": spec.model_dump(mode="json"),
         "cell_key": spec.cell_key(),
@@ -200,14 +255,15 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
         "lambda_row": alloc.lambda_row,
         "lambda_curves": alloc.curves,
         "neuroal_step_run": alloc.step_run,
-        "notes": alloc.notes,
+        "notes": notes,
         "block_sparsity_planned": block_mean,
         "sparsity_target": spec.effective_sparsity,
         **sparsity_report(records, session.shapes),
-        "perplexity": {k: v[0] for k, v in evals.items()},
+        **moe,
+        "perplexity": results["perplexity"],
         "perplexity_dense": ppl_dense,
-        "zeroshot": zeroshot,
-        "eval_data": {k: v[1] for k, v in evals.items()},
+        "zeroshot": results["zeroshot"],
+        "eval_data": results["eval_data"],
         "calibration": {"origin": calib_origin, "windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])},
         "allocation_extra": alloc.extra,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -233,19 +289,32 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
     output = RunOutput(spec.out or spec.default_out(), spec.cell_key())
     previous = output.previous()
     if previous is not None and not overwrite:
+        from orchestrator.eval_run import complete_evaluations
+
         progress("resumed", out=output.out)
-        return previous
+        run, changed = complete_evaluations(previous, output.out, perplexity_sets=spec.eval, seqlen=spec.seqlen,
+                                            windows=spec.eval_windows, zeroshot_tasks=spec.zeroshot,
+                                            limit=spec.zeroshot_limit, data_dir=spec.data_dir, executor=spec.executor,
+                                            shards=spec.shards, dtype=spec.dtype, device=spec.device,
+                                            address=spec.address)
+        if changed and store is not False:
+            from orchestrator.store import append_run_rows
+
+            append_run_rows(run, None if store is True else store)
+        return run
     output.check_free(overwrite)
+    calibration = preflight(spec)
     session = session_for(spec, resume_dir=output.resume_location)
     try:
         progress("open", n_blocks=session.n_blocks)
-        for shard in getattr(session.chain, "shards", []):
-            shard.on_block = lambda kind, b: progress("block", kind=kind, block=b)
+        session.chain.set_progress(lambda kind, b: progress("block", kind=kind, block=b))
         with output.writing(overwrite) as location:
-            run = execute(spec, location, session=session, progress=progress, resume_dir=output.resume_location)
+            run = execute(spec, location, session=session, progress=progress, resume_dir=output.resume_location,
+                          calibration=calibration)
             run["out"] = output.out
             run["shard_reports"] = [session.chain.get(session.chain.call(i, Shard.report))
                                     for i in range(session.chain.n_shards)]
+            run["recoveries"] = getattr(session.chain, "recoveries", 0)  # actors restarted and replayed
             with tempfile.TemporaryDirectory() as tmp:
                 from orchestrator.plots import run_plots
 

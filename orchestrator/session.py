@@ -110,7 +110,7 @@ def open_session(
         resume_dir: where shards checkpoint their pruned blocks; a restarted actor or a rerun
             restores them instead of pruning again.
     """
-    model_dir = resolve_model(model)
+    model_dir = resolve_model(model, weights=False)  # the driver reads config and tokenizer only
     config = load_config(model_dir)
     family = family_for(config)
     started_ray = False
@@ -147,15 +147,15 @@ def _open(model, model_dir, config, family, *, executor, shards, dtype, device, 
     plan_dtype = dtype_name(resolve_dtype(dtype, torch.device(kind)))
     shard_specs = shard_specs or planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=plan_dtype,
                                                 method=method, stream_windows=stream_windows, seqlen=seqlen)
+    # shards resolve the model themselves: a hub id, a URI or the default fetches/converts per node
+    model_ref = model if not Path(model).expanduser().exists() else model_dir
     if executor == "local":
-        held = [Shard(model_dir, s, dtype=dtype, device=device, resume_dir=resume_dir) for s in shard_specs]
+        held = [Shard(model_ref, s, dtype=dtype, device=device, resume_dir=resume_dir) for s in shard_specs]
         chain = LocalChain(held)
         shapes = held[0].shapes
     else:
         from orchestrator.ray_chain import RayChain
 
-        # actors resolve the model themselves: a hub id or the default downloads/converts per node
-        model_ref = model if not Path(model).expanduser().exists() else model_dir
         chain = RayChain(model_ref, shard_specs, dtype=dtype, device=device, address=address, resume_dir=resume_dir)
         shapes = chain.get(chain.call(0, Shard.get_shapes))
     return Session(model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes,

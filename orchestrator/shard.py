@@ -23,12 +23,16 @@ from torch import Tensor
 from neuroal.devices import dtype_name, resolve_device, resolve_dtype
 from neuroal.families import apply_head, block_linears, capture_block_inputs, family_for, get_blocks, linear_shapes
 from neuroal import fileio
-from neuroal.models import build_skeleton, load_config, materialize, resolve_model
+from neuroal.models import build_skeleton, load_config, materialize, resolve_model, weight_fetcher
 from orchestrator.planning import ShardSpec
 from orchestrator.tasks import ShardRun, StreamTask
 from orchestrator.wire import from_wire, pack, to_host, to_wire, unpack
 
 logger = logging.getLogger(__name__)
+
+
+class ShardStateLost(RuntimeError):
+    """A call reached a (restarted) shard that lacks state the driver gave it: replay, then retry."""
 
 
 def two_results(fn):
@@ -52,7 +56,9 @@ class Shard:
         gpu_given: bool = False,
     ):
         t0 = time.perf_counter()
-        self.model_dir = resolve_model(str(model_dir))  # a name resolves on this node (hub cache, GGUF)
+        # a name resolves on this node (hub cache, object storage, GGUF); weight files come on demand
+        self.model_dir = resolve_model(str(model_dir), weights=False)
+        self._fetch = weight_fetcher(str(model_dir))
         self.spec = spec
         self.device = resolve_device(device, gpu_given=gpu_given)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -70,7 +76,8 @@ class Shard:
                 return spec.has_head
             return spec.has_embeddings
 
-        self.loaded = materialize(self.model, self.model_dir, wanted, dtype=self.dtype, device=self.device)
+        self.loaded = materialize(self.model, self.model_dir, wanted, dtype=self.dtype, device=self.device,
+                                  fetch=self._fetch)
         if spec.has_head and not spec.has_embeddings:
             self._load_tied_input_embedding()
         self.blocks = get_blocks(self.model, self.family)
@@ -123,7 +130,8 @@ class Shard:
         out_emb = self.model.get_output_embeddings()
         if out_emb is not None and out_emb.weight.device.type == "meta":
             in_name = self._input_embedding_name()
-            materialize(self.model, self.model_dir, lambda n: n == in_name, dtype=self.dtype, device=self.device)
+            materialize(self.model, self.model_dir, lambda n: n == in_name, dtype=self.dtype, device=self.device,
+                        fetch=self._fetch)
             out_emb.weight = self.model.get_input_embeddings().weight
 
     # ------------------------------------------------------------------ stream entry and exit
@@ -149,7 +157,7 @@ class Shard:
             return {}
         seqlen = hidden.shape[1]
         if seqlen not in self._kwargs:
-            raise RuntimeError(f"shard {self.spec.index}: block kwargs for seqlen {seqlen} were never set")
+            raise ShardStateLost(f"shard {self.spec.index}: block kwargs for seqlen {seqlen} were never set")
         return self._kwargs[seqlen][b]
 
     def embed(self, input_ids: Tensor) -> tuple[np.ndarray, str]:
@@ -224,7 +232,8 @@ class Shard:
         return {"index": self.spec.index, "blocks": [self.spec.first_block, self.spec.end_block - 1],
                 "device": str(self.device), "dtype": dtype_name(self.dtype), "load_seconds": round(self.load_seconds, 2),
                 "busy_seconds": round(self.busy_seconds, 3),
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None}
 
     def weight_summaries(self, summary: Callable[[Tensor], float]) -> dict[int, dict[str, float]]:
         """`summary(W)` of every prunable linear of this shard, computed here (e.g. AlphaPruning's α)."""

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from neuroal.allocation import ALLOCATORS, check_nm
 from neuroal.allocation.neuroal import STEPS
-from neuroal.data import DATASETS
+from neuroal.data import DATA_VERSION, DATASETS
 from neuroal.errors import SpecError
 from neuroal.methods import METHODS, PATTERNS, parse_pattern
 from neuroal.refiners import REFINERS
@@ -29,7 +29,9 @@ def _knob_fields() -> tuple[str, ...]:
 
 
 # PruneSpec fields besides the grid axes that change the pruned model (not where or how fast it ran)
-RESULT_KNOBS = ("blocksize", "percdamp", "dtype", *_knob_fields())
+NOT_RESULT = ("neuroal_tie_check",)  # knobs that only add checks; the pruned model is the same
+RESULT_KNOBS = ("blocksize", "percdamp", "dtype", "moe_calibrate_all_experts", "moe_min_tokens",
+                *(k for k in _knob_fields() if k not in NOT_RESULT))
 
 
 def _name_list(v) -> tuple[str, ...]:
@@ -81,6 +83,10 @@ class PruneSpec(BaseModel):
     dsnot_same_sign: bool = False  # the DSnoT paper's rule; the reference code never applies it
     dsnot_skip_mlp: bool = True  # the reference refines attention linears only
     search_windows: int = 8
+    neuroal_tie_check: bool = True  # re-score each step's best two in reverse window order: is the choice in the noise?
+    neuroal_tie_rule: Literal["lowest", "reference-order"] = "lowest"  # a near tie: the lowest score, or the earlier λ
+    moe_calibrate_all_experts: bool = False  # every expert's statistics over all tokens (else its routed ones)
+    moe_min_tokens: int = 1  # an expert routed fewer calibration tokens in a block is calibrated on all of them
     early_stop: bool = True
     max_tokens: int | None = None  # tokens per block call (default: 2048 on CPU, 32768 on GPU)
 
@@ -107,7 +113,7 @@ class PruneSpec(BaseModel):
         p = parse_pattern(v)
         return "unstructured" if p is None else str(p)
 
-    @field_validator("nsamples", "seqlen", "shards", "search_windows", "blocksize", "max_tokens")
+    @field_validator("nsamples", "seqlen", "shards", "search_windows", "blocksize", "max_tokens", "moe_min_tokens")
     @classmethod
     def _positive(cls, v: int | None, info) -> int | None:
         if v is not None and v < 1:
@@ -180,6 +186,23 @@ class PruneSpec(BaseModel):
     def default_out(self) -> str:
         name = self.model.rstrip("/").split("/")[-1]
         return f"runs/{name}-{self.method}-{self.top_up}-{self.effective_sparsity:g}-{self.pattern.replace(':', 'of')}"
+
+
+def eval_key(kind: str, name: str, *, seqlen: int | None = None, windows: int | None = None,
+             limit: int | None = None) -> str:
+    """The identity of one evaluation (apart from the model's `cell_key`): what was measured, how.
+
+    >>> eval_key("perplexity", "wikitext2", seqlen=2048) == eval_key("perplexity", "wikitext2", seqlen=2048)
+    True
+    """
+    payload = {"kind": kind, "name": name, "seqlen": seqlen, "windows": windows, "limit": limit,
+               "data_version": DATA_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dense_key(model: str) -> str:
+    """The identity of an unpruned model (`neuroal eval` on a hub id or a plain checkpoint)."""
+    return hashlib.sha256(json.dumps({"model": model, "pruned": False}).encode()).hexdigest()[:16]
 
 
 def first_error(exc: ValidationError) -> dict:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from neuroal import fileio
 from neuroal.data import DATA_VERSION
-from neuroal.fileio import atomic_path
 from orchestrator.spec import GRID_VERSION
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ DEFAULT_STORE = "runs/store"
 SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
-        ("cell_key", pa.string()),
+        ("cell_key", pa.string()),  # the pruned model's identity (PruneSpec.cell_key)
+        ("eval_key", pa.string()),  # the evaluation's identity (spec.eval_key); "" for the prune's own rows
         ("model", pa.string()),
         ("method", pa.string()),
         ("top_up", pa.string()),
@@ -60,8 +62,9 @@ SCHEMA = pa.schema(
 )
 
 
-def store_dir(explicit: str | Path | None = None) -> Path:
-    return Path(explicit or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+def store_dir(explicit: str | Path | None = None) -> str:
+    """`--store`, else $NEUROAL_STORE, else runs/store; a local folder or a storage URI."""
+    return str(explicit or os.environ.get(STORE_ENV) or DEFAULT_STORE)
 
 
 @dataclass
@@ -70,47 +73,70 @@ class ReadReport:
     skipped: list[tuple[str, str]]  # (path, reason)
 
 
+def _read_table(path: str) -> pa.Table:
+    if not fileio.is_uri(path):
+        return pq.read_table(path)
+    fs, inner = fileio.filesystem(path)
+    with fs.open(inner, "rb") as f:
+        return pq.read_table(f)
+
+
 def read_store(folder: str | Path) -> ReadReport:
-    """All rows; unreadable files are logged with their path and skipped."""
-    folder = Path(folder)
+    """All rows (local folder or URI); unreadable files are logged with their path and skipped."""
     tables, skipped = [], []
-    for path in sorted(folder.glob("*.parquet")) if folder.exists() else []:
+    for name in fileio.listdir(folder):
+        if not name.endswith(".parquet") or name.startswith("."):
+            continue
+        path = fileio.join(folder, name)
         try:
-            t = pq.read_table(path)
+            t = _read_table(path)
             tables.append(t.select([n for n in SCHEMA.names if n in t.column_names]).cast(
                 pa.schema([SCHEMA.field(n) for n in SCHEMA.names if n in t.column_names])))
         except Exception as exc:  # truncated, corrupt, or foreign: report and go on
             reason = f"{type(exc).__name__}: {exc}"
             logger.warning("results store: skipping unreadable %s (%s)", path, reason)
-            skipped.append((str(path), reason))
+            skipped.append((path, reason))
     if not tables:
         return ReadReport(SCHEMA.empty_table(), skipped)
     return ReadReport(pa.concat_tables(tables, promote_options="default"), skipped)
 
 
-def existing_keys(folder: str | Path) -> set[tuple[str, str, str]]:
+def row_key(row: dict) -> tuple[str, str, str, str]:
+    """What identifies a result: the pruned model, the evaluation, the task and the metric."""
+    return row["cell_key"], row.get("eval_key") or "", row["task"], row["metric"]
+
+
+def existing_keys(folder: str | Path) -> set[tuple[str, str, str, str]]:
     t = read_store(folder).table
-    return set(zip(t.column("cell_key").to_pylist(), t.column("task").to_pylist(), t.column("metric").to_pylist()))
+    if not t.num_rows:
+        return set()
+    cols = {n: t.column(n).to_pylist() if n in t.column_names else [None] * t.num_rows
+            for n in ("cell_key", "eval_key", "task", "metric")}
+    return {row_key(dict(zip(cols, vals))) for vals in zip(*cols.values())}
 
 
 def append_rows(folder: str | Path, rows: list[dict]) -> int:
-    """Append rows not already present (by cell_key, task, metric); returns how many were written."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Append rows not already present (by `row_key`); returns how many were written.
+
+    Each write is one new Parquet file, renamed into place locally, one PUT on an object store.
+    """
+    if not fileio.is_uri(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
     have = existing_keys(folder)
     fresh, seen = [], set()
     for r in rows:
-        key = (r["cell_key"], r["task"], r["metric"])
+        key = row_key(r)
         if key in have or key in seen:
             continue
         seen.add(key)
-        fresh.append({name: r.get(name) for name in SCHEMA.names})
+        fresh.append({name: (r.get(name) or "") if name == "eval_key" else r.get(name) for name in SCHEMA.names})
     if not fresh:
         return 0
     table = pa.Table.from_pylist(fresh, schema=SCHEMA)
     name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-    with atomic_path(folder / name) as tmp:
-        pq.write_table(table, tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(table, Path(tmp) / name)
+        fileio.put_file(Path(tmp) / name, fileio.join(folder, name))
     return len(fresh)
 
 
@@ -138,13 +164,18 @@ def run_rows(run: dict, *, run_id: str | None = None) -> list[dict]:
         "grid_version": run.get("grid_version", GRID_VERSION),
         "timestamp": time.time(),
     }
-    rows = [dict(base, task="prune", metric="sparsity_actual", value=run.get("sparsity_actual"), stderr=None)]
+    rows = [] if spec["method"] == "dense" else [  # a dense model's evaluation has no prune of its own
+        dict(base, task="prune", metric="sparsity_actual", value=run.get("sparsity_actual"), stderr=None, eval_key="")]
+    info = run.get("eval_data", {})
     for name, v in run.get("perplexity", {}).items():
-        rows.append(dict(base, task=name, metric="perplexity", value=v, stderr=None))
+        rows.append(dict(base, task=name, metric="perplexity", value=v, stderr=None,
+                         eval_key=info.get(name, {}).get("eval_key", "")))
     for name, v in run.get("perplexity_dense", {}).items():
-        rows.append(dict(base, task=name, metric="perplexity_dense", value=v, stderr=None))
+        rows.append(dict(base, task=name, metric="perplexity_dense", value=v, stderr=None,
+                         eval_key=info.get(name, {}).get("eval_key", "")))
     for r in run.get("zeroshot", []):
-        rows.append(dict(base, task=r["task"], metric=r["metric"], value=r["value"], stderr=r.get("stderr")))
+        rows.append(dict(base, task=r["task"], metric=r["metric"], value=r["value"], stderr=r.get("stderr"),
+                         eval_key=r.get("eval_key", "")))
     return rows
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from neuroal import block as B
+from neuroal import stats as S
 from neuroal.allocation.ratios import Ratios, to_tensor
 
 
@@ -58,10 +59,12 @@ class Dense(StreamTask):
     kinds: frozenset = frozenset()
     summary: Callable | None = None  # (weights, stats) -> a picklable value, run where the block is
     max_tokens: int | None = None
+    experts: S.ExpertRule = field(default_factory=S.ExpertRule)  # which tokens each expert is calibrated on
 
     def run_block(self, shard, b, hidden, run):
         hidden, run.records[b] = B.dense_block(shard.blocks[b], shard.family, hidden, shard.kwargs_for(b, hidden),
-                                               kinds=self.kinds, summary=self.summary, max_tokens=self.max_tokens)
+                                               kinds=self.kinds, summary=self.summary, max_tokens=self.max_tokens,
+                                               experts=self.experts)
         return hidden
 
 

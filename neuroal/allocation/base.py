@@ -79,8 +79,9 @@ class CandidateScorer(Protocol):
     """Scores candidate allocations (keyed, e.g. by λ) on the model; provided by the orchestrator."""
 
     def __call__(
-        self, step: str, candidates: Mapping[Any, Ratios], *, first: Any, want_alignment: bool
-    ) -> dict[Any, CandidateScore]: ...
+        self, step: str, candidates: Mapping[Any, Ratios], *, first: Any, want_alignment: bool, reverse: bool = False
+    ) -> dict[Any, CandidateScore]:
+        """Scores of the candidates; `reverse`: the search windows in reverse order, every one to the end."""
 
 
 class Allocator:

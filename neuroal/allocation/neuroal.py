@@ -16,6 +16,7 @@ each candidate streams the search windows through the model, every block runs
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,49 @@ def curve(scores: Mapping[float, CandidateScore], lambdas: Sequence[float]) -> l
     return [{"lambda": lam, "score": scores[lam].partial, "complete": scores[lam].total is not None} for lam in lambdas]
 
 
+@dataclass(frozen=True)
+class TieCheck:
+    """How safe a step's choice is: the winner's lead over the runner-up vs the score's float noise.
+
+    `noise` is measured, not assumed: the best and the runner-up are scored again with the search
+    windows in reverse order (the same sums in another order), and the largest change of a score is
+    the noise. A lead inside it is a coin flip between the two λ (`near_tie`).
+    """
+
+    best: float
+    runner_up: float | None
+    margin: float | None  # runner-up − best (a lower bound when the runner-up was stopped early)
+    noise: float | None
+    near_tie: bool
+
+    def note(self, step: str) -> str:
+        return (f"{step} step: λ {self.best:g} beat λ {self.runner_up:g} by {self.margin:.3g}, within the score's "
+                f"float noise ({self.noise:.3g}, from re-scoring both with the windows in reverse order): the choice "
+                "is a coin flip between them; more --search-windows make it robust")
+
+
+def runner_up(scores: Mapping[float, CandidateScore], best: float) -> tuple[float | None, float | None]:
+    """The λ closest to the winner and its lead: finished totals, or the partial sums of stopped ones."""
+    others = [(s.total if s.total is not None else s.partial, lam) for lam, s in scores.items() if lam != best]
+    if not others:
+        return None, None
+    value, lam = min(others)
+    return lam, value - scores[best].total
+
+
+def tie_check(scores, best: float, rescored: Mapping[float, CandidateScore] | None) -> TieCheck:
+    """`TieCheck` of a step from its scores and the re-scores of the best two in reverse window order."""
+    lam2, margin = runner_up(scores, best)
+    if lam2 is None or not rescored:
+        return TieCheck(best, lam2, margin, None, False)
+    deltas = [abs(rescored[lam].total - scores[lam].total) for lam in (best, lam2)
+              if lam in rescored and scores[lam].total is not None]
+    if scores[lam2].total is None and lam2 in rescored:  # its full total is known now
+        margin = min(margin, rescored[lam2].total - rescored[best].total) if best in rescored else margin
+    noise = max(deltas) if deltas else None
+    return TieCheck(best, lam2, margin, noise, noise is not None and margin <= noise)
+
+
 @ALLOCATORS.register("neuroal")
 @dataclass(frozen=True)
 class NeuroAL(Allocator):
@@ -131,9 +175,12 @@ class NeuroAL(Allocator):
 
     step: str = "both"
     windows: int = 8
+    tie_check: bool = True  # re-score the best two of each step in reverse window order (≈ 2 more candidates)
+    tie_rule: str = "lowest"  # "lowest" (the reference) or "reference-order": a near tie goes to the earlier λ
 
     evidence = Evidence.ALIGNMENT
-    knobs = {"step": "neuroal_step", "windows": "search_windows"}
+    knobs = {"step": "neuroal_step", "windows": "search_windows", "tie_check": "neuroal_tie_check",
+             "tie_rule": "neuroal_tie_rule"}
     summary = "NeuroAL: λ search for block then row sparsity by activation alignment"
 
     @classmethod
@@ -146,6 +193,26 @@ class NeuroAL(Allocator):
     def evidence_windows(self) -> int:
         return self.windows
 
+    def _decide(self, step: str, score: CandidateScorer, candidates, scores, lambdas, result: Allocation) -> float:
+        """The step's λ: the lowest score, checked against the score's float noise (`TieCheck`)."""
+        best = choose(scores, lambdas)
+        result.curves[step] = curve(scores, lambdas)
+        if not self.tie_check:
+            return best
+        lam2, _ = runner_up(scores, best)
+        rescored = None
+        if lam2 is not None:
+            rescored = score(step, {lam: candidates[lam] for lam in (best, lam2)}, first=best, want_alignment=False,
+                             reverse=True)
+        check = tie_check(scores, best, rescored)
+        result.extra.setdefault("tie_check", {})[step] = dataclasses.asdict(check)
+        if check.near_tie:
+            result.notes.append(check.note(step))
+            if self.tie_rule == "reference-order" and lambdas.index(lam2) < lambdas.index(best):
+                result.notes.append(f"{step} step: near tie resolved to λ {lam2:g}, the earlier in the reference's order")
+                return lam2
+        return best
+
     def allocate(self, problem: AllocationProblem, score: CandidateScorer) -> Allocation:
         st = steps(self.step, problem.method, problem.family)
         result = Allocation(ratios={}, notes=list(st.notes), step_run=st.name)
@@ -156,9 +223,8 @@ class NeuroAL(Allocator):
             lambdas = list(candidates)
             scores = score("block", candidates, first=BLOCK_FIRST if BLOCK_FIRST in lambdas else lambdas[0],
                            want_alignment=st.row)
-            best = choose(scores, lambdas)
+            best = self._decide("block", score, candidates, scores, lambdas, result)
             result.lambda_block = best
-            result.curves["block"] = curve(scores, lambdas)
         else:  # row step only: the alignment comes from the uniform block distribution (λ = 0)
             candidates = block_candidates(problem.n_blocks, problem.sparsity, problem.linears, lambdas=(0.0,))
             scores = score("block", candidates, first=0.0, want_alignment=True)
@@ -173,9 +239,8 @@ class NeuroAL(Allocator):
         candidates, notes = row_candidates(problem.family, problem.shapes, base, base_score.alignment)
         lambdas = list(candidates)
         scores = score("row", candidates, first=ROW_FIRST, want_alignment=False)
-        best = choose(scores, lambdas)
+        best = self._decide("row", score, candidates, scores, lambdas, result)
         result.lambda_row = best
-        result.curves["row"] = curve(scores, lambdas)
         result.ratios = candidates[best]
         result.notes.extend(notes)
         timings["search_row"] = time.perf_counter() - t0

@@ -70,8 +70,9 @@ def test_neuroal_allocate_with_a_hand_made_scorer():
     problem = AllocationProblem(3, LLAMA.linears, {n: (4, 4) for n in LLAMA.linears}, 0.5, LLAMA, METHODS.get("wanda"))
     asked = []
 
-    def scorer(step, candidates, *, first, want_alignment):
-        asked.append((step, list(candidates)[:2], first, want_alignment))
+    def scorer(step, candidates, *, first, want_alignment, reverse=False):
+        if not reverse:  # the tie check's re-scores are tested below
+            asked.append((step, list(candidates)[:2], first, want_alignment))
         align = {b: {n: np.arange(4.0) for n in LLAMA.linears} for b in range(3)}
         # block: λ=0.05 best; row: λ=0.0 worst, 0.12 best
         target = 0.05 if step == "block" else 0.12
@@ -83,3 +84,28 @@ def test_neuroal_allocate_with_a_hand_made_scorer():
     assert asked[0] == ("block", [0.01, 0.02], 0.08, True) and asked[1] == ("row", [0.0, 0.01], 0.0, False)
     assert isinstance(alloc.ratios[0]["mlp.up_proj"], np.ndarray)  # per-row ratios
     assert alloc.ratios[2]["mlp.up_proj"] == pytest.approx(block_candidates(3, 0.5, LLAMA.linears)[0.05][2]["mlp.up_proj"])
+
+
+def test_a_constructed_near_tie_is_reported_and_the_tie_rule_applies():
+    """Two λ whose lead is below the score change from re-ordering the windows: the run says so."""
+    problem = AllocationProblem(3, LLAMA.linears, {n: (4, 4) for n in LLAMA.linears}, 0.5, LLAMA, METHODS.get("wanda"))
+    totals = {0.05: 1.0000, 0.08: 0.9999}  # 0.08 wins by 1e-4 ...
+    noise = 5e-4  # ... but reordering the windows moves a score by 5e-4
+
+    def scorer(step, candidates, *, first, want_alignment, reverse=False):
+        out = {}
+        for lam in candidates:
+            t = totals.get(lam, 2.0 + lam) + (noise if reverse and lam == 0.08 else 0.0)
+            out[lam] = CandidateScore(t, t)
+        return out
+
+    lowest = NeuroAL(step="block").allocate(problem, scorer)
+    check = lowest.extra["tie_check"]["block"]
+    assert lowest.lambda_block == 0.08 and check["runner_up"] == 0.05 and check["near_tie"]
+    assert check["margin"] == pytest.approx(1e-4) and check["noise"] == pytest.approx(noise)
+    assert any("coin flip" in n for n in lowest.notes)
+    ordered = NeuroAL(step="block", tie_rule="reference-order").allocate(problem, scorer)
+    assert ordered.lambda_block == 0.05 and any("earlier in the reference's order" in n for n in ordered.notes)
+    totals[0.08] = 0.99  # a clear lead: no note, the lowest wins under both rules
+    clear = NeuroAL(step="block", tie_rule="reference-order").allocate(problem, scorer)
+    assert clear.lambda_block == 0.08 and not clear.extra["tie_check"]["block"]["near_tie"]

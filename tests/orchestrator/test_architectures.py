@@ -64,3 +64,19 @@ def test_moe_dsnot_and_alpha_and_the_fused_layout(family, tiny_dirs, shared_data
         model = AutoModelForCausalLM.from_pretrained(out)
         assert _zeros(model) == pytest.approx(run["sparsity_actual"], abs=1e-6)
         assert (model.model.layers[0].mlp.gate.weight != 0).all()
+
+
+def test_moe_run_json_records_how_experts_were_calibrated(tiny_dirs, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
+    for calibrate_all in (False, True):
+        spec = build_spec(model=str(tiny_dirs["mixtral"]), method="wanda", top_up="neuroal", sparsity=0.5, seqlen=16,
+                          nsamples=8, executor="local", data_dir=str(shared_data), out=str(tmp_path / str(calibrate_all)),
+                          moe_calibrate_all_experts=calibrate_all)
+        run = prune(spec)
+        moe = run["moe_calibration"]
+        assert moe["calibrate_all_experts"] is calibrate_all and set(moe["blocks"]) == {"0", "1", "2"}
+        block = moe["blocks"]["0"]["mlp.experts"]
+        assert sum(block["routed_tokens"]) == 8 * 16 * 2  # top-2 routing of every calibration token
+        if calibrate_all:
+            assert block["all_tokens"] == [0, 1, 2, 3]
+        assert run["lambda_row"] is None and any("mixture of experts" in n for n in run["notes"])

@@ -1,0 +1,83 @@
+"""Evaluate without pruning: a finished run that lacks requested metrics, or any model (`neuroal eval`).
+
+A pruned model's identity (`cell_key`) and an evaluation's (`eval_key`) are separate keys, so a prune
+rerun whose evaluation request differs keeps the pruned checkpoint and computes only what is missing,
+and never reports a metric it did not compute. Results go to the run folder's run.json (rewritten
+atomically, or one PUT on an object store) and to the results store, like a prune's.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+
+from neuroal import fileio
+from neuroal.data import DATA_VERSION, resolve_data_dir
+from orchestrator import evaluate
+from orchestrator.outputs import RUN_JSON, read_run, to_json
+from orchestrator.session import open_session
+from orchestrator.spec import GRID_VERSION, dense_key
+
+logger = logging.getLogger(__name__)
+
+
+def _session(location: str, *, executor: str, shards: int, dtype: str, device: str, address: str | None,
+             seqlen: int):
+    return open_session(location, executor=executor, shards=shards, dtype=dtype, device=device, address=address,
+                        seqlen=seqlen)
+
+
+def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None,
+                         zeroshot_tasks=(), limit: int | None, data_dir=None, executor: str = "ray",
+                         shards: int = 1, dtype: str = "auto", device: str = "auto",
+                         address: str | None = None) -> tuple[dict, bool]:
+    """`run` (the run.json at `location`) with the requested evaluations it lacks; (run, changed)."""
+    ppl, zs = evaluate.missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
+                               zeroshot_tasks=zeroshot_tasks, limit=limit)
+    if not ppl and not zs:
+        return run, False
+    logger.info("%s: computing %s (the pruned checkpoint is kept)", location, ", ".join(ppl + zs))
+    timings: dict[str, float] = {}
+    session = _session(location, executor=executor, shards=shards, dtype=dtype, device=device, address=address,
+                       seqlen=seqlen)
+    try:
+        new = evaluate.evaluate(session, location, perplexity_sets=ppl, seqlen=seqlen, windows=windows,
+                                zeroshot_tasks=zs, limit=limit, data_dir=resolve_data_dir(data_dir), timings=timings)
+    finally:
+        session.close()
+    merged = evaluate.merge(run, new)
+    merged["timings_s"] = {**run.get("timings_s", {}), **{f"re{k}": round(v, 3) for k, v in timings.items()}}
+    fileio.write_text(fileio.join(location, RUN_JSON), to_json(merged))
+    return merged, True
+
+
+def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, windows: int | None = None,
+                   zeroshot_tasks=(), limit: int | None = None, data_dir=None, **session_kw) -> dict:
+    """Evaluate a run folder (its run.json gains the metrics) or any model (a hub id, a checkpoint).
+
+    Returns a run.json-shaped record; for a model that is not a run folder its `cell_key` is
+    `dense_key(model)` and its method "dense", so the store and the report show it as the dense row.
+    """
+    previous = read_run(model)
+    if previous is not None:
+        run, _ = complete_evaluations(previous, model, perplexity_sets=perplexity_sets, seqlen=seqlen,
+                                      windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit,
+                                      data_dir=data_dir, **session_kw)
+        return run
+    dense = {"spec": {"model": model, "method": "dense", "top_up": "none", "pattern": "dense", "seed": 0,
+                      "calibration": "", "seqlen": seqlen},
+             "cell_key": dense_key(model), "sparsity_target": 0.0, "sparsity_actual": 0.0, "timings_s": {},
+             "lambda_block": None, "lambda_row": None, "data_version": DATA_VERSION, "grid_version": GRID_VERSION,
+             "host": platform.node(), "out": None}
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    session = _session(model, seqlen=seqlen, **session_kw)
+    try:
+        new = evaluate.evaluate(session, model, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
+                                zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=resolve_data_dir(data_dir),
+                                timings=timings)
+    finally:
+        session.close()
+    timings["total"] = time.perf_counter() - t
+    return {**evaluate.merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}

@@ -1,0 +1,42 @@
+"""On CUDA (skipped without it): `--device auto` computes on the GPU in bfloat16, in process and in a
+Ray actor given a GPU, with the same masks and λ on both paths; statistics stay fp32."""
+
+import pytest
+import torch
+
+from orchestrator.run import execute, session_for
+from orchestrator.shard import Shard
+from orchestrator.spec import build_spec
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu, requires_gpu]
+
+
+def _run(tiny_dirs, shared_data, out, executor):
+    spec = build_spec(model=str(tiny_dirs["llama_gqa"]), method="wanda", top_up="neuroal", sparsity=0.6, seqlen=32,
+                      nsamples=8, executor=executor, data_dir=str(shared_data), eval="wikitext2", eval_windows=4,
+                      out=str(out))
+    session = session_for(spec)
+    try:
+        run = execute(spec, out, session=session)
+        report = session.chain.get(session.chain.call(0, Shard.report))
+        weights = session.chain.get(session.chain.call(0, Shard.block_weights))
+    finally:
+        session.close()
+    return run, report, weights
+
+
+def test_in_process_and_ray_on_the_gpu(tiny_dirs, shared_data, tmp_path):
+    import ray
+
+    local, rep_l, w_l = _run(tiny_dirs, shared_data, tmp_path / "local", "local")
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        on_ray, rep_r, w_r = _run(tiny_dirs, shared_data, tmp_path / "ray", "ray")
+    finally:
+        ray.shutdown()
+    for rep in (rep_l, rep_r):
+        assert rep["device"].startswith("cuda") and rep["dtype"] == "bfloat16" and rep["peak_device_bytes"] > 0
+    assert (local["lambda_block"], local["lambda_row"]) == (on_ray["lambda_block"], on_ray["lambda_row"])
+    assert all(torch.equal(w_l[b][n], w_r[b][n]) for b in w_l for n in w_l[b])
+    assert local["sparsity_actual"] == pytest.approx(0.6, abs=0.04)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 from neuroal.allocation import Allocator, CandidateScore, Evidence
 from neuroal.block import PruneOptions
-from orchestrator.pipeline import priority_order, race_streams, run_stream
+from orchestrator.pipeline import StreamOutcome, block_major, priority_order, race_streams, run_stream
 from orchestrator.session import Session
 from orchestrator.shard import Shard
 from orchestrator.tasks import Dense, Score
@@ -54,7 +54,9 @@ class StreamScorer:
 
     Candidates race through the chain `max_in_flight` at a time (every shard busy on Ray), and
     with `early_stop` a candidate whose running sum exceeds the best finished total is stopped
-    (exact: `pipeline.race_streams`).
+    (exact: `pipeline.race_streams`). When the shards are offloaded all candidates go block-major
+    instead (`pipeline.block_major`): each block moves to the device once per step, the early stop
+    is given up (every candidate is scored to the end), the scores and the choice are the same.
     """
 
     def __init__(self, session: Session, windows, opts: PruneOptions, *, early_stop: bool = True,
@@ -80,9 +82,17 @@ class StreamScorer:
                 alignment = {b: rec.alignment for run in o.records for b, rec in run.records.items()}
             return CandidateScore(o.total, o.partial, alignment)
 
-        outcomes = race_streams(self.session.chain, priority_order(list(candidates), first), task_for, hidden,
-                                max_in_flight=self.max_in_flight, early_stop=self.early_stop and not reverse,
-                                on_done=None if reverse else lambda key, o: self.on_candidate(step, key, score(o)))
+        if self.session.offload != "none":  # block-major: each offloaded block moves once per step
+            keys = list(candidates)
+            _, records = block_major(self.session.chain, lambda i: [task_for(k, i, float("inf")) for k in keys], hidden)
+            outcomes = {k: StreamOutcome(k, rec[-1].partial, rec[-1].partial, rec) for k, rec in zip(keys, records)}
+            if not reverse:
+                for k in keys:
+                    self.on_candidate(step, k, score(outcomes[k]))
+        else:
+            outcomes = race_streams(self.session.chain, priority_order(list(candidates), first), task_for, hidden,
+                                    max_in_flight=self.max_in_flight, early_stop=self.early_stop and not reverse,
+                                    on_done=None if reverse else lambda key, o: self.on_candidate(step, key, score(o)))
         return {key: score(outcomes[key]) for key in candidates}
 
 

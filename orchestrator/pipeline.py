@@ -112,6 +112,30 @@ def priority_order(values, first) -> list:
     return out
 
 
+def block_major(chain, tasks_for: Callable[[int], list], hidden0: Any) -> tuple[Any, list[list]]:
+    """Several streams through the chain block-major (`Shard.run_many`): each shard takes all of them
+    through block b before block b+1, so an offloaded block moves to the device once per pass.
+
+    Args:
+        tasks_for: shard index -> one task per stream (the same streams, in the same order).
+        hidden0: the input every stream starts from (one handle), or a handle to a list, one per stream.
+
+    Returns:
+        (handle to the list of outputs, per stream the `ShardRun` of each shard).
+    """
+    hidden, partials, records = hidden0, None, None
+    for i in range(chain.n_shards):
+        tasks = tasks_for(i)
+        partials = partials or [0.0] * len(tasks)
+        hidden, res = chain.call(i, Shard.run_many, tasks, hidden, partials)
+        runs = chain.get(res)
+        records = records or [[] for _ in tasks]
+        for rec, run in zip(records, runs):
+            rec.append(run)
+        partials = [run.partial for run in runs]
+    return hidden, records
+
+
 @dataclass
 class StreamOutcome:
     key: Any

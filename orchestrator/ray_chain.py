@@ -66,13 +66,13 @@ def _shard_actor_class():
     class ShardActor(Shard):
         """The plain Shard, with torch threads matched to the actor's CPU share; it reports each block."""
 
-        def __init__(self, model, spec, dtype, device, threads, resume_dir, sink):
+        def __init__(self, model, spec, dtype, device, threads, resume_dir, sink, options):
             import torch
 
             if threads:
                 torch.set_num_threads(threads)
             super().__init__(model, spec, dtype=dtype, device=device, resume_dir=resume_dir,
-                             gpu_given=bool(ray.get_gpu_ids()))
+                             gpu_given=bool(ray.get_gpu_ids()), **options)
             self.on_block = lambda kind, b: sink.report.remote(spec.index, kind, b)
 
         def ping(self) -> int:
@@ -117,6 +117,7 @@ class RayChain:
         num_cpus: int | None = None,
         resume_dir: str | Path | None = None,
         recover_timeout_s: float = 600.0,
+        shard_options: dict | None = None,
     ):
         import ray
         from ray.util.placement_group import placement_group
@@ -157,7 +158,7 @@ class RayChain:
                 actor_device = "auto" if p.uses_gpu else "cpu"
                 self.actors.append(cls.options(**opts).remote(
                     str(model), self.specs[first + j], dtype, actor_device, p.threads,
-                    None if resume_dir is None else str(resume_dir), self.sink))
+                    None if resume_dir is None else str(resume_dir), self.sink, shard_options or {}))
             first += size
         self._pids = ray.get([a.ping.remote() for a in self.actors])  # a new pid = a restarted actor
 

@@ -73,7 +73,7 @@ def prune_options(spec: PruneSpec) -> PruneOptions:
 
 def session_for(spec: PruneSpec, *, resume_dir: Path | None = None) -> Session:
     session = open_session(spec.model, executor=spec.executor, shards=spec.shards, dtype=spec.dtype,
-                           device=spec.device, address=spec.address, gpu_mem=spec.gpu_mem, method=spec.method,
+                           device=spec.device, address=spec.address, gpu_mem=spec.gpu_mem, offload=spec.offload, method=spec.method,
                            stream_windows=spec.search_windows, seqlen=spec.seqlen, resume_dir=resume_dir)
     try:
         check_pattern(session.shapes, parse_pattern(spec.pattern), spec.pattern)
@@ -315,6 +315,9 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
             run["shard_reports"] = [session.chain.get(session.chain.call(i, Shard.report))
                                     for i in range(session.chain.n_shards)]
             run["recoveries"] = getattr(session.chain, "recoveries", 0)  # actors restarted and replayed
+            if session.offload != "none":
+                run["offload"] = {"mode": session.offload, "why": session.offload_reason,
+                                  "shards": [r["offload"] for r in run["shard_reports"]]}
             with tempfile.TemporaryDirectory() as tmp:
                 from orchestrator.plots import run_plots
 

@@ -30,14 +30,35 @@ def n_blocks_of(config) -> int:
 
 
 def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, method: str, stream_windows: int,
-                   seqlen: int) -> list[ShardSpec]:
-    """Contiguous shards balanced by parameter bytes (orchestrator.planning), checked against --gpu-mem."""
+                   seqlen: int, offload: str = "none") -> tuple[list[ShardSpec], str, str]:
+    """Contiguous shards balanced by parameter bytes (orchestrator.planning), checked against --gpu-mem.
+
+    With `offload="auto"`, shards whose blocks do not fit --gpu-mem are offloaded to host memory
+    (and that is said); "cpu"/"disk" offload in any case; "none" refuses a plan that does not fit.
+
+    Returns:
+        (shard specs, offload mode "none"/"cpu"/"disk", why).
+    """
     n_blocks = n_blocks_of(config)
     if not 1 <= shards <= n_blocks:
         raise SpecError("--shards", shards, f"1..{n_blocks} (the model has {n_blocks} blocks)")
-    plan = plan_shards(config, n_actors=shards, mem_per_actor=parse_bytes(gpu_mem) if gpu_mem else 2**60,
-                       dtype=dtype, method=method, stream_windows=stream_windows, seqlen=seqlen)
-    return plan.shard_specs()
+
+    def plan(mem):
+        return plan_shards(config, n_actors=shards, mem_per_actor=mem, dtype=dtype, method=method,
+                           stream_windows=stream_windows, seqlen=seqlen).shard_specs()
+
+    if offload in ("cpu", "disk"):
+        return plan(2**60), offload, f"--offload {offload}"
+    if not gpu_mem:
+        return plan(2**60), "none", ""
+    try:
+        return plan(parse_bytes(gpu_mem)), "none", ""
+    except SpecError as exc:
+        if offload != "auto":
+            raise
+        why = f"the blocks do not fit --gpu-mem {gpu_mem} ({exc}): offloaded to host memory, one block at a time"
+        logger.warning("%s", why)
+        return plan(2**60), "cpu", why
 
 
 @dataclass
@@ -50,6 +71,8 @@ class Session:
     chain: object
     shapes: dict[str, tuple[int, int]]
     started_ray: bool = False  # this session started the embedded Ray instance and stops it
+    offload: str = "none"  # "cpu"/"disk": the shards' blocks take turns on the device (passes go block-major)
+    offload_reason: str = ""
     kwargs_ready: set[int] = field(default_factory=set)
 
     @property
@@ -97,6 +120,7 @@ def open_session(
     device: str = "auto",
     address: str | None = None,
     gpu_mem: str | None = None,
+    offload: str = "auto",
     method: str = "wanda",
     stream_windows: int = 8,
     seqlen: int = 2048,
@@ -120,7 +144,8 @@ def open_session(
         started_ray = ensure_ray(address, os.cpu_count())
     try:
         return _open(model, model_dir, config, family, executor=executor, shards=shards, dtype=dtype, device=device,
-                     address=address, gpu_mem=gpu_mem, method=method, stream_windows=stream_windows, seqlen=seqlen,
+                     address=address, gpu_mem=gpu_mem, offload=offload, method=method, stream_windows=stream_windows,
+                     seqlen=seqlen,
                      shard_specs=shard_specs, resume_dir=resume_dir, started_ray=started_ray)
     except BaseException:
         if started_ray:
@@ -141,25 +166,29 @@ def compute_kind(device: str, executor: str) -> str:
     return "cuda" if wants_gpus(device, ray.cluster_resources().get("GPU", 0)) else "cpu"
 
 
-def _open(model, model_dir, config, family, *, executor, shards, dtype, device, address, gpu_mem, method,
+def _open(model, model_dir, config, family, *, executor, shards, dtype, device, address, gpu_mem, offload, method,
           stream_windows, seqlen, shard_specs, resume_dir, started_ray) -> Session:
     kind = compute_kind(device, executor)
     plan_dtype = dtype_name(resolve_dtype(dtype, torch.device(kind)))
-    shard_specs = shard_specs or planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=plan_dtype,
-                                                method=method, stream_windows=stream_windows, seqlen=seqlen)
+    planned, mode, why = planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=plan_dtype, method=method,
+                                        stream_windows=stream_windows, seqlen=seqlen, offload=offload)
+    shard_specs = shard_specs or planned
+    budget = parse_bytes(gpu_mem) if gpu_mem else None
+    place = dict(offload=mode, budget=budget)
     # shards resolve the model themselves: a hub id, a URI or the default fetches/converts per node
     model_ref = model if not Path(model).expanduser().exists() else model_dir
     if executor == "local":
-        held = [Shard(model_ref, s, dtype=dtype, device=device, resume_dir=resume_dir) for s in shard_specs]
+        held = [Shard(model_ref, s, dtype=dtype, device=device, resume_dir=resume_dir, **place) for s in shard_specs]
         chain = LocalChain(held)
         shapes = held[0].shapes
     else:
         from orchestrator.ray_chain import RayChain
 
-        chain = RayChain(model_ref, shard_specs, dtype=dtype, device=device, address=address, resume_dir=resume_dir)
+        chain = RayChain(model_ref, shard_specs, dtype=dtype, device=device, address=address, resume_dir=resume_dir,
+                         shard_options=place)
         shapes = chain.get(chain.call(0, Shard.get_shapes))
     return Session(model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes,
-                   started_ray=started_ray)
+                   started_ray=started_ray, offload=mode, offload_reason=why)
 
 
 def check_pattern(shapes: dict[str, tuple[int, int]], pattern: Pattern | None, text: str) -> None:

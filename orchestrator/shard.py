@@ -9,6 +9,7 @@ block by a stream task (`orchestrator.tasks`). The driver calls its methods by r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -25,6 +26,7 @@ from neuroal.families import apply_head, block_linears, capture_block_inputs, fa
 from neuroal import fileio
 from neuroal.models import build_skeleton, load_config, materialize, resolve_model, weight_fetcher
 from orchestrator.planning import ShardSpec
+from orchestrator.offload import BlockResidency
 from orchestrator.tasks import ShardRun, StreamTask
 from orchestrator.wire import from_wire, pack, to_host, to_wire, unpack
 
@@ -54,6 +56,8 @@ class Shard:
         device: str = "auto",
         resume_dir: str | Path | None = None,
         gpu_given: bool = False,
+        offload: str = "none",
+        budget: int | None = None,
     ):
         t0 = time.perf_counter()
         # a name resolves on this node (hub cache, object storage, GGUF); weight files come on demand
@@ -76,8 +80,9 @@ class Shard:
                 return spec.has_head
             return spec.has_embeddings
 
-        self.loaded = materialize(self.model, self.model_dir, wanted, dtype=self.dtype, device=self.device,
-                                  fetch=self._fetch)
+        # offloaded blocks are read to the host; only what stays resident goes to the device
+        self.loaded = materialize(self.model, self.model_dir, wanted, dtype=self.dtype,
+                                  device="cpu" if offload != "none" else self.device, fetch=self._fetch)
         if spec.has_head and not spec.has_embeddings:
             self._load_tied_input_embedding()
         self.blocks = get_blocks(self.model, self.family)
@@ -88,12 +93,50 @@ class Shard:
         name = f"shard-{spec.first_block:04d}-{spec.end_block:04d}.safetensors"
         self.resume_path = fileio.join(resume_dir, name) if resume_dir else None  # a local path or a URI
         self.pruned = self._load_checkpoint()
+        self.residency = None
+        if offload != "none":
+            self._residents_to_device()
+            block_ids = {id(p) for b in spec.blocks for p in self.blocks[b].parameters()}
+            persistent = sum(t.numel() * t.element_size() for t in self._unique_tensors() if id(t) not in block_ids)
+            self.residency = BlockResidency({b: self.blocks[b] for b in spec.blocks}, self.device, offload,
+                                            persistent_bytes=persistent, budget=budget)
         self.load_seconds = time.perf_counter() - t0
         logger.info("shard %d: blocks %d..%d loaded in %.1fs", spec.index, spec.first_block, spec.end_block - 1, self.load_seconds)
 
     def _block_tensors(self) -> dict[str, Tensor]:
         prefix = tuple(f"{self.family.blocks}.{b}." for b in self.spec.blocks)
         return {n: p for n, p in self.model.named_parameters() if n.startswith(prefix)}
+
+    def _unique_tensors(self) -> list[Tensor]:
+        seen, out = set(), []
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.device.type != "meta" and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+        return out
+
+    def _residents_to_device(self) -> None:
+        """An offloaded shard keeps its non-block tensors (embeddings, head, norms, rotary tables) on the device."""
+        block_ids = {id(p) for b in self.spec.blocks for p in self.blocks[b].parameters()}
+        for t in self._unique_tensors():
+            if id(t) not in block_ids:
+                t.data = t.data.to(self.device)
+
+    def _resident(self, b: int, kind: str, write_back: bool = False):
+        """Block b on the device for one pass (a no-op unless the shard is offloaded)."""
+        if self.residency is None:
+            return contextlib.nullcontext()
+        return self.residency.on_device(b, kind=kind, write_back=write_back)
+
+    def _block_state(self) -> dict[str, Tensor]:
+        """Every block parameter of this shard as a CPU tensor (offloaded blocks brought back to read)."""
+        out = {}
+        prefix = self.family.blocks
+        for b in self.spec.blocks:
+            with self._resident(b, "io"):
+                out.update({f"{prefix}.{b}.{n}": p.detach().to("cpu").contiguous()
+                            for n, p in self.blocks[b].named_parameters()})
+        return out
 
     def _load_checkpoint(self) -> bool:
         """Restore this shard's pruned blocks if an earlier attempt finished them (restart/rerun)."""
@@ -122,7 +165,7 @@ class Shard:
             return
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "checkpoint.safetensors"
-            save_file({n: p.detach().cpu().contiguous() for n, p in self._block_tensors().items()}, str(local))
+            save_file(self._block_state(), str(local))
             fileio.put_file(local, self.resume_path)
 
     def _load_tied_input_embedding(self) -> None:
@@ -189,18 +232,41 @@ class Shard:
     @torch.no_grad()
     def run(self, task: StreamTask, wire, partial: float = 0.0) -> tuple[tuple[np.ndarray, str] | None, ShardRun]:
         """Push one stream through this shard's blocks; returns its output and a host `ShardRun`."""
+        outs, runs = self.run_many([task], [wire], [partial])
+        return outs[0], runs[0]
+
+    @two_results
+    @torch.no_grad()
+    def run_many(self, tasks: list[StreamTask], wires: list, partials: list[float]) -> tuple[list, list[ShardRun]]:
+        """Several streams block-major: all of them through block b, then b+1, so an offloaded block
+        moves to the device once per call. Each stream's arithmetic is that of `run` on its own.
+
+        Returns:
+            (outputs in wire form, None for a stream that stopped; host `ShardRun`s).
+        """
         t0 = time.perf_counter()
         try:
-            hidden = from_wire(wire, self.device) if wire is not None else None
-            run = ShardRun(partial=partial)
+            if not isinstance(wires, list):  # one input shared by every stream
+                wires = [wires] * len(tasks)
+            hidden = [from_wire(w, self.device) if w is not None else None for w in wires]
+            runs = [ShardRun(partial=p) for p in partials]
+            live = list(range(len(tasks)))
+            kind = type(tasks[0]).__name__.lower()
             for b in self.spec.blocks:
-                hidden = task.run_block(self, b, hidden, run)
-                if run.stopped_at is not None:
-                    return None, to_host(run)
+                with self._resident(b, kind, write_back=any(t.mutates for t in tasks)):
+                    for i in live:
+                        hidden[i] = tasks[i].run_block(self, b, hidden[i], runs[i])
+                live = [i for i in live if runs[i].stopped_at is None]
+                for i in range(len(tasks)):
+                    if runs[i].stopped_at is not None:
+                        hidden[i] = None
+                if not live:
+                    break
                 if self.on_block is not None:
-                    self.on_block(type(task).__name__.lower(), b)
-            task.finish(self)
-            return (to_wire(hidden) if hidden is not None else None), to_host(run)
+                    self.on_block(kind, b)
+            for i in live:
+                tasks[i].finish(self)
+            return [to_wire(h) if h is not None else None for h in hidden], [to_host(r) for r in runs]
         finally:
             self.busy_seconds += time.perf_counter() - t0
 
@@ -208,19 +274,15 @@ class Shard:
 
     def block_weights(self) -> dict[int, dict[str, Tensor]]:
         """The prunable weights of this shard's blocks, as CPU tensors (tests compare masks)."""
-        return {
-            b: {n: lin.weight.detach().cpu().clone() for n, lin in block_linears(self.blocks[b], self.family).items()}
-            for b in self.spec.blocks
-        }
+        out = {}
+        for b in self.spec.blocks:
+            with self._resident(b, "io"):
+                out[b] = {n: lin.weight.detach().cpu().clone() for n, lin in block_linears(self.blocks[b], self.family).items()}
+        return out
 
     def loaded_bytes(self) -> int:
-        """Bytes of the tensors this shard holds (its blocks, plus embeddings/head at the ends)."""
-        seen, total = set(), 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if t.device.type != "meta" and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
+        """Bytes of the tensors this shard holds in memory (its blocks, plus embeddings/head at the ends)."""
+        return sum(t.numel() * t.element_size() for t in self._unique_tensors())
 
     def get_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self.shapes)
@@ -233,14 +295,16 @@ class Shard:
                 "device": str(self.device), "dtype": dtype_name(self.dtype), "load_seconds": round(self.load_seconds, 2),
                 "busy_seconds": round(self.busy_seconds, 3),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None}
+                "peak_device_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+                "offload": self.residency.report() if self.residency is not None else None}
 
     def weight_summaries(self, summary: Callable[[Tensor], float]) -> dict[int, dict[str, float]]:
         """`summary(W)` of every prunable linear of this shard, computed here (e.g. AlphaPruning's α)."""
-        return {
-            b: {n: summary(lin.weight.detach()) for n, lin in block_linears(self.blocks[b], self.family).items()}
-            for b in self.spec.blocks
-        }
+        out = {}
+        for b in self.spec.blocks:
+            with self._resident(b, "weights"):
+                out[b] = {n: summary(lin.weight.detach()) for n, lin in block_linears(self.blocks[b], self.family).items()}
+        return out
 
     def save(self, target: str | None) -> dict:
         """Write the tensors this shard loaded as one safetensors file.
@@ -261,11 +325,11 @@ class Shard:
         params.update(dict(self.model.named_buffers(remove_duplicate=False)))
         out_emb = self.model.get_output_embeddings()
         tied = getattr(self.config, "tie_word_embeddings", False) and out_emb is not None
-        state = {}
+        state, blocks = {}, self._block_state() if self.residency is not None else {}
         for name in self.loaded:
             if tied and params[name] is out_emb.weight and name != self._input_embedding_name():
                 continue
-            state[name] = params[name].detach().to("cpu").contiguous()
+            state[name] = blocks[name] if name in blocks else params[name].detach().to("cpu").contiguous()
         part = {"weight_map": {name: fname for name in state}, "file": fname, "data": None}
         if target is None:
             part["data"] = save(state, metadata={"format": "pt"})

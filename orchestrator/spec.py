@@ -68,6 +68,7 @@ class PruneSpec(BaseModel):
     out: str | None = None
     shards: int = 1
     gpu_mem: str | None = None  # per-actor memory budget for the shard plan, e.g. "80GB"
+    offload: Literal["auto", "none", "cpu", "disk"] = "auto"  # blocks that do not fit --gpu-mem wait on host/disk
     address: str | None = None
     executor: Literal["ray", "local"] = "ray"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU

@@ -33,6 +33,7 @@ class ShardRun:
 
 class StreamTask:
     max_tokens: int | None = None
+    mutates = False  # the pass changes the block's weights (an offloaded block is written back)
 
     def run_block(self, shard, b: int, hidden: Tensor | None, run: ShardRun) -> Tensor | None:
         """Block `b` of `shard` on the stream's hidden states; returns the block's output."""
@@ -90,6 +91,7 @@ class Score(StreamTask):
 class Prune(StreamTask):
     ratios: Ratios
     opts: B.PruneOptions
+    mutates = True
 
     def run_block(self, shard, b, hidden, run):
         block = shard.blocks[b]

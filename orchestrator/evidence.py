@@ -60,8 +60,9 @@ class StreamScorer:
     """
 
     def __init__(self, session: Session, windows, opts: PruneOptions, *, early_stop: bool = True,
-                 on_candidate: Callable | None = None):
+                 on_candidate: Callable | None = None, block_major: bool | None = None):
         self.session, self.windows, self.opts, self.early_stop = session, windows, opts, early_stop
+        self.block_major = session.offload != "none" if block_major is None else block_major
         self.hidden = session.embed(windows)
         self._reversed = None
         self.max_in_flight = session.chain.n_shards + 1 if session.parallel else 1
@@ -82,7 +83,7 @@ class StreamScorer:
                 alignment = {b: rec.alignment for run in o.records for b, rec in run.records.items()}
             return CandidateScore(o.total, o.partial, alignment)
 
-        if self.session.offload != "none":  # block-major: each offloaded block moves once per step
+        if self.block_major:  # each offloaded block moves once per step
             keys = list(candidates)
             _, records = block_major(self.session.chain, lambda i: [task_for(k, i, float("inf")) for k in keys], hidden)
             outcomes = {k: StreamOutcome(k, rec[-1].partial, rec[-1].partial, rec) for k, rec in zip(keys, records)}

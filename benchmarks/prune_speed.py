@@ -51,7 +51,6 @@ def run_ours(method, nsamples, seqlen, n_blocks):
 
 
 def run_loop(method, nsamples, seqlen, n_blocks):
-    from neuroal import masks as M
     from neuroal.families import call_block
     from neuroal.solvers.sparsegpt import sparsegpt_prune
 

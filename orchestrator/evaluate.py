@@ -16,6 +16,8 @@ from orchestrator.tasks import Forward
 
 logger = logging.getLogger(__name__)
 
+BLOCK_MAJOR_BYTES = 2 * 2**30  # hidden states an offloaded evaluation holds at once (one block move each)
+
 
 class TransientError(NeuroalError):
     """A failure worth retrying (out of memory on a device, a lost node): Ray retries tasks raising it."""
@@ -33,9 +35,16 @@ def perplexity(
 ) -> tuple[float, dict]:
     """exp(mean NLL) over non-overlapping windows of the dataset's test stream (papers' protocol).
 
-    `max_windows` keeps only the first windows (a quick estimate, recorded as such).
+    Batches of `batch` windows stream through the chain (on Ray every shard works on a different
+    batch at once), at most 2 per shard in flight, so no shard's outputs pile up in the object store;
+    an offloaded chain takes the batches block-major instead, in groups of up to BLOCK_MAJOR_BYTES
+    of hidden states, so each block moves to the device once per group. `max_windows` keeps only the first windows (a
+    quick estimate, recorded as such). The token stream is tokenized once per session and dataset.
     """
-    ids, origin = perplexity_tokens(name, session.tokenizer, seqlen, data_dir)
+    key = (name, str(data_dir), seqlen)  # C4 is cut to 256 windows of seqlen
+    if key not in session.token_cache:
+        session.token_cache[key] = perplexity_tokens(name, session.tokenizer, seqlen, data_dir)
+    ids, origin = session.token_cache[key]
     windows = perplexity_windows(ids, seqlen)
     all_windows = windows.shape[0]
     if max_windows is not None:
@@ -43,17 +52,36 @@ def perplexity(
     session.ensure_kwargs(seqlen)
     chain = session.chain
     last = chain.n_shards - 1
-    pending = []
-    for i in range(0, windows.shape[0], batch):
-        chunk = windows[i : i + batch]
-        hidden = chain.call(0, Shard.embed, chunk)
-        for k in range(chain.n_shards):
-            hidden, _ = chain.call(k, Shard.run, Forward(), hidden, 0.0)
-        pending.append(chain.call(last, Shard.nll, hidden, chunk))
-    total = sum(chain.get(h)[0] for h in pending)
+    chunks = [windows[i : i + batch] for i in range(0, windows.shape[0], batch)]
+    total = 0.0
+    if session.offload != "none":
+        hidden_bytes = batch * seqlen * session.config.hidden_size * 4
+        per_group = max(1, BLOCK_MAJOR_BYTES // hidden_bytes)
+        for g in range(0, len(chunks), per_group):
+            for h in _block_major_nll(chain, chunks[g : g + per_group]):
+                total += chain.get(h)[0]
+    else:
+        pending = []
+        for chunk in chunks:
+            hidden = chain.call(0, Shard.embed, chunk)
+            for k in range(chain.n_shards):
+                hidden, _ = chain.call(k, Shard.run, Forward(), hidden, 0.0)
+            pending.append(chain.call(last, Shard.nll, hidden, chunk))
+            if len(pending) > 2 * chain.n_shards:  # back-pressure: a fast first shard does not run ahead
+                total += chain.get(pending.pop(0))[0]
+        for h in pending:
+            total += chain.get(h)[0]
     n = windows.shape[0]
     return math.exp(total / (n * seqlen)), {"origin": origin, "windows": n, "windows_available": all_windows,
                                             "tokens": int(ids.numel())}
+
+
+def _block_major_nll(chain, chunks) -> list:
+    hidden = [chain.get(chain.call(0, Shard.embed, c)) for c in chunks]
+    for k in range(chain.n_shards):
+        hidden_h, _ = chain.call(k, Shard.run_many, [Forward() for _ in chunks], hidden, [0.0] * len(chunks))
+        hidden = chain.get(hidden_h)
+    return [chain.call(chain.n_shards - 1, Shard.nll, h, c) for h, c in zip(hidden, chunks)]
 
 
 def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None = None,

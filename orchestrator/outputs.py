@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,6 +114,17 @@ class RunOutput:
                 fileio.put_file(p, fileio.join(location, p.name))
 
 
+PULL_CHUNK = 64 * 2**20
+
+
+def _pull_file(chain, shard: int, part: dict, folder: Path) -> None:
+    """Copy the file a shard saved on its node into `folder`, a chunk at a time (atomically)."""
+    with fileio.atomic_path(folder / part["file"]) as tmp, open(tmp, "wb") as f:
+        for offset in range(0, part["bytes"], PULL_CHUNK):
+            f.write(chain.get(chain.call(shard, Shard.read_bytes, part["local"], offset, PULL_CHUNK)))
+    chain.get(chain.call(shard, Shard.drop_file, part["local"]))
+
+
 def save_checkpoint(session, location: str, *, direct: bool) -> None:
     """The pruned checkpoint in Hugging Face layout: shards' tensors, then config, tokenizer, index.
 
@@ -125,13 +135,10 @@ def save_checkpoint(session, location: str, *, direct: bool) -> None:
     chain = session.chain
     handles = [chain.call(i, Shard.save, location if direct else None) for i in range(chain.n_shards)]
     maps, total = [], 0
-    for h in handles:
+    for shard, h in enumerate(handles):
         part = chain.get(h)
-        if part.get("data") is not None:
-            with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
-                f.write(part["data"])
-                f.flush()
-                fileio.put_file(f.name, fileio.join(location, part["file"]))
+        if part["local"] is not None:
+            _pull_file(chain, shard, part, Path(location))
         maps.append(part["weight_map"])
         total += part["bytes"]
     stored = chain.get(chain.call(0, Shard.report))["dtype"]

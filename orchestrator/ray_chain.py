@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 
 from orchestrator.pipeline import num_returns
@@ -87,7 +88,7 @@ def _shard_actor_class():
 class Handle:
     """A call's result on Ray: the object ref, and how to make it again if its actor dies."""
 
-    __slots__ = ("ref", "call", "index", "siblings")
+    __slots__ = ("__weakref__", "call", "index", "ref", "siblings")
 
     def __init__(self, ref, call, index):
         self.ref, self.call, self.index, self.siblings = ref, call, index, None
@@ -180,8 +181,8 @@ class RayChain:
         """Submit `method` (a `Shard` method) on shard i; one handle, or a tuple for `two_results`."""
         call = (shard, method.__name__, args, num_returns(method))
         hs = [Handle(r, call, i) for i, r in enumerate(self._submit(call))]
-        for h in hs:
-            h.siblings = hs
+        for h in hs:  # weak: a strong cycle would keep the results alive until Python's cycle collector runs
+            h.siblings = [weakref.ref(x) for x in hs]
         return tuple(hs) if len(hs) > 1 else hs[0]
 
     def configure(self, shard: int, method, *args) -> Handle:
@@ -224,8 +225,10 @@ class RayChain:
                     if isinstance(arg, Handle):
                         self.get(arg)
                 self._recover(shard)
-                for h, ref in zip(handle.siblings, self._submit(handle.call)):
-                    h.ref = ref
+                for sibling, ref in zip(handle.siblings, self._submit(handle.call)):
+                    h = sibling()
+                    if h is not None:
+                        h.ref = ref
         raise AssertionError("unreachable")
 
     def _recover(self, shard: int) -> None:

@@ -73,6 +73,7 @@ class Session:
     started_ray: bool = False  # this session started the embedded Ray instance and stops it
     offload: str = "none"  # "cpu"/"disk": the shards' blocks take turns on the device (passes go block-major)
     offload_reason: str = ""
+    token_cache: dict = field(default_factory=dict)  # evaluation token streams, tokenized once
     kwargs_ready: set[int] = field(default_factory=set)
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -18,15 +19,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from neuroal.devices import dtype_name, resolve_device, resolve_dtype
-from neuroal.families import apply_head, block_linears, capture_block_inputs, family_for, get_blocks, linear_shapes
 from neuroal import fileio
-from neuroal.models import build_skeleton, load_config, materialize, resolve_model, weight_fetcher
-from orchestrator.planning import ShardSpec
+from neuroal.devices import dtype_name, resolve_device, resolve_dtype
+from neuroal.evaluation import nll_sum
+from neuroal.families import (
+    apply_head,
+    block_linears,
+    capture_block_inputs,
+    family_for,
+    get_blocks,
+    linear_shapes,
+)
+from neuroal.models import (
+    build_skeleton,
+    load_config,
+    materialize,
+    resolve_model,
+    weight_fetcher,
+)
 from orchestrator.offload import BlockResidency
+from orchestrator.planning import ShardSpec
 from orchestrator.tasks import ShardRun, StreamTask
 from orchestrator.wire import from_wire, pack, to_host, to_wire, unpack
 
@@ -214,16 +229,12 @@ class Shard:
         """Σ over windows of (mean next-token NLL · seqlen), and the window count (last shard).
 
         This is the papers' perplexity accumulator (`eval_ppl_wikitext`): each window's mean loss
-        over its seqlen−1 predictions, weighted by seqlen.
+        over its seqlen−1 predictions, weighted by seqlen; the head runs on chunks of positions
+        (`neuroal.evaluation.nll_sum`), never on [batch, seqlen, vocab] at once.
         """
         assert self.spec.has_head
         hidden = from_wire(wire, self.device)
-        total = 0.0
-        ids = input_ids.to(self.device)
-        for i in range(hidden.shape[0]):  # one window at a time bounds the [seqlen, vocab] logits
-            logits = apply_head(self.model, self.family, hidden[i : i + 1]).float()
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[i, 1:])
-            total += loss.item() * ids.shape[1]
+        total = nll_sum(lambda h: apply_head(self.model, self.family, h), hidden, input_ids.to(self.device))
         return total, int(hidden.shape[0])
 
     # ------------------------------------------------------------------ the unit of work
@@ -330,10 +341,11 @@ class Shard:
             if tied and params[name] is out_emb.weight and name != self._input_embedding_name():
                 continue
             state[name] = blocks[name] if name in blocks else params[name].detach().to("cpu").contiguous()
-        part = {"weight_map": {name: fname for name in state}, "file": fname, "data": None}
-        if target is None:
-            part["data"] = save(state, metadata={"format": "pt"})
-            part["bytes"] = len(part["data"])
+        part = {"weight_map": {name: fname for name in state}, "file": fname, "local": None}
+        if target is None:  # kept on this node until the driver has pulled it (`read_bytes`, `drop_file`)
+            local = Path(tempfile.mkdtemp(prefix="neuroal-part-")) / fname
+            save_file(state, str(local), metadata={"format": "pt"})
+            part["bytes"], part["local"] = local.stat().st_size, str(local)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 local = Path(tmp) / fname
@@ -341,6 +353,16 @@ class Shard:
                 part["bytes"] = local.stat().st_size
                 fileio.put_file(local, fileio.join(target, fname))
         return part
+
+    def read_bytes(self, path: str, offset: int, size: int) -> bytes:
+        """One chunk of a file `save` left on this node: the driver pulls a shard's file piece by
+        piece, so neither side ever holds a whole shard's bytes in memory."""
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def drop_file(self, path: str) -> None:
+        shutil.rmtree(Path(path).parent, ignore_errors=True)
 
     def _input_embedding_name(self) -> str:
         emb = self.model.get_input_embeddings().weight

@@ -1,9 +1,7 @@
 """Bad input exits 2 with one line naming the flag and the allowed values; nothing half-written stays."""
 
-import json
 
 import pytest
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 

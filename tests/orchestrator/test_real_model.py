@@ -89,9 +89,12 @@ def test_two_ray_shards_equal_one_process_on_smollm2(shared_data, tmp_path):
 # What running the work costs beyond the tensors held, measured on SmolLM2 (seqlen 64, 8 windows):
 # oneDNN/MKL state created by the first forward (~100 MB), per-block temporaries of the search and
 # the prune, and freed memory glibc keeps for reuse within a pass (~150 MB); malloc_trim between
-# tasks did not lower the peaks. For scale: one actor holding the whole model peaks 915 MB above a
+# tasks did not lower the peaks. Pages of Ray's shared-memory object store an actor wrote its outputs
+# into count in its RSS too; the object store is capped at OBJECT_STORE (evaluation batches, the
+# checkpoint pulled in chunks) and counted on top. For scale: one actor holding the whole model peaks 915 MB above a
 # bare worker, so this bound still fails any actor that loads more than its shard.
 MEMORY_MARGIN = 384 * 2**20
+OBJECT_STORE = 100 * 2**20
 
 
 @pytest.mark.ray
@@ -107,7 +110,7 @@ def test_actor_memory_stays_within_its_shard(shared_data, tmp_path):
         build_skeleton(load_config(resolve_model("smollm2-135m")))  # imports and an empty skeleton
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=OBJECT_STORE)
     try:
         base = ray.get(ray.remote(baseline_worker).remote())
         spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=64, nsamples=8,
@@ -127,5 +130,5 @@ def test_actor_memory_stays_within_its_shard(shared_data, tmp_path):
     report = [(round(p / 2**20), round(h / 2**20), round((p - base) / 2**20)) for p, h in zip(peaks, held)]
     print(f"\nbare worker {base / 2**20:.0f} MB; per actor (peak MB, shard MB, peak - bare MB): {report}")
     for peak, h in zip(peaks, held):
-        assert peak - base <= h + streams + MEMORY_MARGIN
+        assert peak - base <= h + streams + MEMORY_MARGIN + OBJECT_STORE
         assert h < whole * 0.6  # no actor holds the whole model

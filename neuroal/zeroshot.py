@@ -171,7 +171,7 @@ PACKABLE_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3_text", "phi3", "opt", "phi", "gpt_neox"}
 )
 _PACKABLE_ATTENTION = frozenset({"eager", "sdpa"})  # flash / flex kernels ignore a dense 4D mask
-# requests per forward pass when `batch_size` is None: CPU measured on SmolLM2-135M (benchmarks/eval_speed.py)
+# requests per forward pass when `batch_size` is None: a choice, not yet measured (benchmarks/eval_speed.py will)
 DEFAULT_BATCH_SIZE = {"cpu": 32, "cuda": 256}
 
 

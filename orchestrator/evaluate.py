@@ -10,6 +10,7 @@ from pathlib import Path
 from neuroal import fileio
 from neuroal.data import perplexity_tokens, perplexity_windows
 from neuroal.errors import NeuroalError
+from orchestrator.pipeline import block_major
 from orchestrator.session import Session
 from orchestrator.shard import Shard
 from orchestrator.tasks import Forward
@@ -38,8 +39,9 @@ def perplexity(
     Batches of `batch` windows stream through the chain (on Ray every shard works on a different
     batch at once), at most 2 per shard in flight, so no shard's outputs pile up in the object store;
     an offloaded chain takes the batches block-major instead, in groups of up to BLOCK_MAJOR_BYTES
-    of hidden states, so each block moves to the device once per group. `max_windows` keeps only the first windows (a
-    quick estimate, recorded as such). The token stream is tokenized once per session and dataset.
+    of hidden states, so each block moves to the device once per group. `max_windows` keeps only
+    the first windows (a quick estimate, recorded as such). The token stream is tokenized once per
+    session and dataset.
     """
     key = (name, str(data_dir), seqlen)  # C4 is cut to 256 windows of seqlen
     if key not in session.token_cache:
@@ -77,11 +79,10 @@ def perplexity(
 
 
 def _block_major_nll(chain, chunks) -> list:
-    hidden = [chain.get(chain.call(0, Shard.embed, c)) for c in chunks]
-    for k in range(chain.n_shards):
-        hidden_h, _ = chain.call(k, Shard.run_many, [Forward() for _ in chunks], hidden, [0.0] * len(chunks))
-        hidden = chain.get(hidden_h)
-    return [chain.call(chain.n_shards - 1, Shard.nll, h, c) for h, c in zip(hidden, chunks)]
+    """Handles of the NLL of each chunk, all chunks taken through the chain block-major."""
+    wires = [chain.get(chain.call(0, Shard.embed, c)) for c in chunks]
+    hidden, _ = block_major(chain, lambda _shard: [Forward() for _ in chunks], wires)
+    return [chain.call(chain.n_shards - 1, Shard.nll, h, c) for h, c in zip(chain.get(hidden), chunks)]
 
 
 def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None = None,

@@ -16,7 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from neuroal.allocation import ALLOCATORS
-from neuroal.errors import NeuroalError
+from neuroal.errors import NeuroalError, SpecError
+from orchestrator.planning.cost import ASSUMED_DISK_GBPS, ASSUMED_H2D_GBPS, ASSUMED_TFLOPS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed one-shot pruning of LLMs (NeuroAL).")
 console = Console(stderr=True)
@@ -321,20 +322,61 @@ def plan(
     method: str = typer.Option("wanda"),
     streams: int = typer.Option(2, help="streams in flight per actor"),
     seqlen: int = typer.Option(2048),
+    nsamples: int = typer.Option(128, help="calibration windows of the final pass (offloaded plans)"),
+    offload: str = typer.Option("auto", help="auto (when the blocks do not fit), none, cpu, disk"),
+    tflops: float = typer.Option(ASSUMED_TFLOPS, help="sustained device TFLOP/s for the offloaded time projection"),
+    h2d_gbps: float = typer.Option(ASSUMED_H2D_GBPS, help="host->device GB/s for the projection"),
+    disk_gbps: float = typer.Option(ASSUMED_DISK_GBPS, help="local disk read GB/s for the projection"),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the plan as JSON"),
 ):
-    """Plan shards for a model without loading weights: blocks, bytes and activation memory per actor."""
+    """Plan shards for a model without loading weights: blocks, bytes and activation memory per actor.
+
+    When the blocks do not fit the GPUs (or --offload cpu/disk), the plan is offloaded: each actor
+    holds its blocks in host memory or on disk and moves one at a time to its GPU; it then prints
+    each actor's device, host and disk need and a projected time of the prune, with its method.
+    """
     _setup_logging(False)
     import json
 
+    from neuroal.methods import METHODS
     from orchestrator.planning import load_plan_config, parse_bytes, plan_shards, render_plan
+    from orchestrator.planning.cost import method_line, projected_passes
+    from orchestrator.planning.layout import measure_model
+    from orchestrator.planning.offloaded import plan_offloaded
+    from orchestrator.planning.render import render_offloaded
+    from orchestrator.planning.sizes import DTYPE_BYTES, canonical_dtype
 
+    if offload not in ("auto", "none", "cpu", "disk"):
+        _fail(SpecError("--offload", offload, "auto, none, cpu, disk"))
     try:
         cfg = load_plan_config(model)
-        p = plan_shards(cfg, n_actors=gpus, mem_per_actor=parse_bytes(gpu_mem), dtype=dtype, method=method,
-                        streams_in_flight=streams, seqlen=seqlen)
+        mem = parse_bytes(gpu_mem)
+        reason, p = "", None
+        if offload in ("auto", "none"):
+            try:
+                p = plan_shards(cfg, n_actors=gpus, mem_per_actor=mem, dtype=dtype, method=method,
+                                streams_in_flight=streams, seqlen=seqlen)
+            except SpecError as exc:
+                if offload == "none":
+                    raise
+                reason = f"offloaded: the blocks do not fit ({exc})"
+        if p is not None:
+            Console().print(render_plan(p))
+            payload = p.to_dict()
+        else:
+            mode = "cpu" if offload == "auto" else offload
+            op = plan_offloaded(cfg, n_actors=gpus, mem_per_actor=mem, mode=mode, dtype=dtype, method=method,
+                                nsamples=nsamples, seqlen=seqlen, reason=reason)
+            passes = projected_passes(measure_model(cfg), dtype_bytes=DTYPE_BYTES[canonical_dtype(dtype)],
+                                      seqlen=seqlen, search_windows=op.plan.stream_windows, nsamples=nsamples,
+                                      mode=mode, tflops=tflops, h2d_gbps=h2d_gbps, disk_gbps=disk_gbps,
+                                      row_step=METHODS.get(method).solver is None)
+            how = method_line(tflops=tflops, h2d_gbps=h2d_gbps, disk_gbps=disk_gbps, mode=mode)
+            for table in render_offloaded(op, passes, method, how):
+                Console().print(table)
+            payload = {**op.to_dict(), "projected_passes": [{**vars(x), "seconds": x.seconds} for x in passes],
+                       "projection_method": how}
     except NeuroalError as exc:
         _fail(exc)
-    Console().print(render_plan(p))
     if json_out:
-        Path(json_out).write_text(json.dumps(p.to_dict(), indent=2))
+        Path(json_out).write_text(json.dumps(payload, indent=2))

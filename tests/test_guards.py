@@ -16,7 +16,8 @@ def test_neuroal_never_imports_ray():
 
 
 @pytest.mark.parametrize("module", ["neuroal.registry", "neuroal.allocation.schedule", "orchestrator.pipeline",
-                                    "orchestrator.wire", "neuroal.fileio", "orchestrator.planning.sizes", "orchestrator.planning.partition"])
+                                    "orchestrator.wire", "neuroal.fileio", "orchestrator.planning.sizes", "orchestrator.planning.partition",
+                                    "orchestrator.planning.offloaded"])
 def test_doctests(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 from neuroal.errors import ModelLoadError
+from orchestrator.planning.cost import PassCost
+from orchestrator.planning.offloaded import OffloadPlan
 from orchestrator.planning.shards import Plan
 from orchestrator.planning.sizes import format_bytes
 
@@ -111,3 +113,36 @@ def render_plan(plan: Plan):
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def render_offloaded(oplan: OffloadPlan, passes: list[PassCost], method: str, how: str):
+    """Tables of an offloaded plan (``neuroal plan`` when the blocks do not fit): each actor's device,
+    host and disk need, then the projected time of each pass (`orchestrator.planning.cost`); `how`
+    says how the time was projected."""
+    from rich.table import Table
+
+    plan = oplan.plan
+    where = "host memory" if oplan.mode == "cpu" else "local disk"
+    title = (f"{plan.model_type}: {plan.n_blocks} blocks, {plan.total_params / 1e9:.2f}B params, {plan.dtype} -> "
+             f"{plan.n_actors} actor(s) x {format_bytes(plan.mem_per_actor)}, offloaded to {where} "
+             f"(one block at a time on the device)")
+    caption = (f"budget {format_bytes(plan.budget_bytes)} per actor ({plan.headroom:.0%} headroom); device: the "
+               f"largest block, the embeddings/head and the larger of {plan.stream_windows}-window x 15-candidate "
+               f"search and {oplan.nsamples}-window final-pass activations at {plan.seqlen} tokens"
+               + (f"\n{oplan.reason}" if oplan.reason else ""))
+    table = Table(title=title, caption=caption)
+    for i, name in enumerate(("shard", "blocks", "n", "emb", "head", "device", "use", "host", "disk")):
+        table.add_column(name, justify="left" if i in (1, 3, 4) else "right")
+    for s, o in zip(plan.shards, oplan.shards):
+        table.add_row(str(s.index), f"{s.first_block}-{s.last_block}", str(s.n_blocks),
+                      "yes" if s.has_embeddings else "", "yes" if s.has_head else "", format_bytes(o.device_bytes),
+                      f"{o.device_bytes / plan.mem_per_actor:.0%}", format_bytes(o.host_bytes),
+                      format_bytes(o.disk_bytes) if o.disk_bytes else "")
+    times = Table(title=f"Projected time of a {method} prune with a NeuroAL search", caption=how)
+    for name in ("pass", "windows", "compute (min)", "moves (min)", "total (min)"):
+        times.add_column(name, justify="left" if name == "pass" else "right")
+    for p in passes:
+        times.add_row(p.name, str(p.windows), f"{p.compute_s / 60:.1f}", f"{p.move_s / 60:.1f}", f"{p.seconds / 60:.1f}")
+    times.add_row("total", "", f"{sum(p.compute_s for p in passes) / 60:.1f}",
+                  f"{sum(p.move_s for p in passes) / 60:.1f}", f"{sum(p.seconds for p in passes) / 60:.1f}")
+    return table, times

@@ -142,3 +142,35 @@ def test_restart_after_prune_restores_the_checkpoint(ray_local, reference, tiny_
     assert recoveries >= 1 and list(resume.glob("shard-*.safetensors"))
     assert _same(weights, reference[1])
     assert run["sparsity_actual"] == pytest.approx(reference[0]["sparsity_actual"])
+
+
+def test_offloaded_ray_shards_equal_the_in_process_run_and_run_json_counts_moves(ray_local, reference, tiny_dirs,
+                                                                                 shared_data, tmp_path):
+    """Offloading on the Ray path: 2 offloaded shard actors give the resident in-process λs and masks,
+    and run.json records, per shard, each block moved once per search step, once for the final pass
+    and once for the evaluation pass."""
+    from safetensors.torch import load_file
+
+    from orchestrator.run import prune
+
+    out = tmp_path / "run"
+    run = prune(_spec(tiny_dirs["llama_gqa"], shared_data, out, executor="ray", shards=2, offload="cpu"), store=False)
+    ref_run, ref_weights, _ = reference
+    assert (run["lambda_block"], run["lambda_row"]) == (ref_run["lambda_block"], ref_run["lambda_row"])
+    assert run["perplexity"]["wikitext2"] == pytest.approx(ref_run["perplexity"]["wikitext2"], rel=1e-6)
+    saved = {}
+    for f in out.glob("*.safetensors"):
+        saved.update(load_file(f))
+    assert all(torch.equal(saved[f"model.layers.{b}.{n}.weight"], w) for b in ref_weights for n, w in ref_weights[b].items())
+    import json
+
+    written = json.loads((out / "run.json").read_text())["offload"]
+    assert written["mode"] == "cpu" and len(written["shards"]) == 2
+    blocks = []
+    for shard in written["shards"]:
+        own = sorted(int(b) for b in shard["moves"]["prune"])
+        blocks += own
+        assert shard["moves"]["score"] == {str(b): 4 for b in own}  # block step, tie check, row step, tie check
+        assert shard["moves"]["prune"] == {str(b): 1 for b in own}
+        assert shard["moves"]["forward"] == {str(b): 1 for b in own}
+    assert blocks == list(range(len(ref_weights)))

@@ -72,7 +72,7 @@ def _reference_forward(torch, layer, subset, inps, kwargs):
 
         return fn
 
-    from neuroal.families import call_block
+    from neuroal.block_forward import call_block
 
     handles = [m.register_forward_hook(hook(n)) for n, m in subset.items()]
     with torch.no_grad():
@@ -120,7 +120,8 @@ def run_reference(which: str) -> dict:
     from neuroal.allocation.neuroal import row_ratios
     from neuroal.allocation.schedule import block_lambdas, neuroal_block_sparsity, row_lambdas
     from neuroal.data import calibration_windows
-    from neuroal.families import capture_block_inputs, get_blocks
+    from neuroal.block_forward import capture_block_inputs
+    from neuroal.families import get_blocks
     from neuroal.models import load_full, load_tokenizer, resolve_model
 
     folder = resolve_model("smollm2-135m")

@@ -25,7 +25,8 @@ def _setup(nsamples, seqlen):
     import torch
 
     from neuroal.data import calibration_windows
-    from neuroal.families import capture_block_inputs, get_blocks
+    from neuroal.block_forward import capture_block_inputs
+    from neuroal.families import get_blocks
     from neuroal.models import load_full, load_tokenizer, resolve_model
 
     folder = resolve_model("smollm2-135m")
@@ -51,7 +52,7 @@ def run_ours(method, nsamples, seqlen, n_blocks):
 
 
 def run_loop(method, nsamples, seqlen, n_blocks):
-    from neuroal.families import call_block
+    from neuroal.block_forward import call_block
     from neuroal.solvers.sparsegpt import sparsegpt_prune
 
     torch, model, family, blocks, inputs = _setup(nsamples, seqlen)

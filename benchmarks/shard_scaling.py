@@ -63,7 +63,8 @@ def measure_cpu_block(seqlen: int) -> dict:
 
     from neuroal import block as B
     from neuroal.data import calibration_windows
-    from neuroal.families import capture_block_inputs, get_blocks
+    from neuroal.block_forward import capture_block_inputs
+    from neuroal.families import get_blocks
     from neuroal.models import load_full, load_tokenizer, resolve_model
 
     folder = resolve_model("smollm2-135m")

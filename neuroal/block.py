@@ -11,7 +11,7 @@ per-window loop), and statistics are running sums kept by hooks.
 - `score_block`:     NeuroAL candidate: dense stats -> prune a working copy -> sparse stats and
                      output -> per-linear alignment metric; the block's weights are restored.
 
-"Linear" here means a prunable unit (`families.block_linears`): a block's `nn.Linear`, or one
+"Linear" here means a prunable unit (`prunable.block_linears`): a block's `nn.Linear`, or one
 expert's matrix of a fused mixture-of-experts parameter (an `ExpertMatrix`). Which tokens an
 expert's statistics come from is `PruneOptions.experts` (`stats.ExpertRule`); each result records
 it per block in `BlockResult.experts`.
@@ -28,8 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from neuroal import stats as S
-from neuroal.families import ExpertMatrix, Family, block_linears, call_block
+from neuroal.block_forward import call_block
+from neuroal.families import Family
 from neuroal.methods import METHODS, Method, Pattern, prune_linear
+from neuroal.prunable import ExpertMatrix, block_linears
 from neuroal.refiners import Refiner
 
 logger = logging.getLogger(__name__)

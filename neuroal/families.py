@@ -1,32 +1,24 @@
 """Family adapters: where each architecture keeps its blocks, prunable linears and row-step map.
 
 A family is data, chosen by `config.model_type` (never by model name). Calling one block on its own
-does not need per-family code: `capture_block_inputs` runs the model's own forward with every block
-replaced by a recorder and keeps the exact keyword arguments (rotary `position_embeddings`,
-`position_ids`, the attention mask) the model passes to each block. Models that mix layer kinds
-(Gemma 2/3 sliding-window and full attention, Gemma 3's local and global rotary tables) pass
-different kwargs to different blocks, so they are kept per block. They do not depend on the batch
-size: with SDPA the full causal mask is implicit (None), and materialised masks (sliding windows,
-eager attention) come as [1, 1, S, S] and broadcast over the batch.
+does not need per-family code (`neuroal.block_forward`); the prunable units of a block are in
+`neuroal.prunable`, and the row step over a family's row map in `neuroal.row_map`.
 
 Mixture-of-experts blocks (Mixtral, Qwen3-MoE) keep their experts fused, as transformers 5 stores
 them: `mlp.experts.gate_up_proj` [E, 2·inter, hidden] and `mlp.experts.down_proj` [E, hidden,
 inter], used as `F.linear(x, param[e])`, so each expert's slice is [out, in] like a linear's weight.
-Each slice is one prunable unit, named ``mlp.experts.gate_up_proj[3]``; `block_linears` returns an
-`ExpertMatrix` for it, whose `.weight` is a view into the fused parameter, so ratios, masks,
-statistics, sparsity reports and allocators see one more linear-like matrix. The router
+Each slice is one prunable unit, named ``mlp.experts.gate_up_proj[3]``; `prunable.block_linears`
+returns an `ExpertMatrix` for it, whose `.weight` is a view into the fused parameter, so ratios,
+masks, statistics, sparsity reports and allocators see one more linear-like matrix. The router
 (`mlp.gate`) is never pruned. `family_for(config)` lists the units of the config's expert count.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from neuroal.errors import UnsupportedArchitecture
 
@@ -182,7 +174,7 @@ FAMILIES: tuple[Family, ...] = (
     replace(_LLAMA, name="gemma3", model_types=("gemma3_text",), logit_softcap="final_logit_softcapping"),
     Family(
         # fused projections, each pruned as one matrix: qkv_proj rows are [q | k | v] and
-        # gate_up_proj rows [gate | up] (see `row_segments` and `producer_rows`)
+        # gate_up_proj rows [gate | up] (see `row_segments` and `row_map.producer_rows`)
         name="phi3",
         model_types=("phi3",),
         blocks="model.layers",
@@ -269,7 +261,7 @@ FAMILIES: tuple[Family, ...] = (
             "mlp.dense_4h_to_h",
         ),
         # OPT/Phi analogue; the fused qkv has 3x the consumer's width, so it keeps the block
-        # ratio under the width rule (see `row_groups`), like grouped-query attention.
+        # ratio under the width rule (see `row_map.row_groups`), like grouped-query attention.
         row_map=(
             ("attention.dense", ("attention.query_key_value",)),
             ("mlp.dense_h_to_4h", ("attention.dense",)),
@@ -335,224 +327,3 @@ def attn_implementation(config) -> str | None:
 
 def get_blocks(model: nn.Module, family: Family) -> nn.ModuleList:
     return model.get_submodule(family.blocks)
-
-
-class ExpertMatrix:
-    """One expert's matrix inside a fused [E, out, in] parameter, seen as a linear.
-
-    `.weight` is the [out, in] view ``param.data[index]``, read anew on each access: write through
-    it (``unit.weight.data.copy_(W)``, ``unit.weight.copy_(W)``) or rebind the whole parameter
-    (``unit.parameter.data = new``); rebinding ``unit.weight.data`` would change a temporary view
-    only.
-    """
-
-    def __init__(self, experts: nn.Module, spec: Experts, param: str, index: int, moe: nn.Module):
-        self.experts, self.spec, self.param, self.index, self.moe = experts, spec, param, index, moe
-
-    @property
-    def parameter(self) -> nn.Parameter:
-        return getattr(self.experts, self.param)
-
-    @property
-    def weight(self) -> Tensor:  # [out, in]
-        return self.parameter.data[self.index]
-
-    @property
-    def out_features(self) -> int:
-        return self.parameter.shape[1]
-
-    @property
-    def in_features(self) -> int:
-        return self.parameter.shape[2]
-
-    @property
-    def is_gate_up(self) -> bool:
-        return self.param == self.spec.gate_up
-
-    def __repr__(self) -> str:
-        return f"ExpertMatrix({self.spec.module}.{self.param}[{self.index}], {self.out_features}x{self.in_features})"
-
-
-_UNIT = re.compile(r"(?P<module>.+)\.(?P<param>\w+)\[(?P<index>\d+)\]")
-
-
-def block_linears(block: nn.Module, family: Family) -> dict[str, nn.Module | ExpertMatrix]:
-    """The prunable units of one block, in forward order: its linears, then each expert's matrices.
-
-    Plain linears are the block's own `nn.Linear` modules; an expert's matrix is an `ExpertMatrix`
-    (a `.weight` [out, in] view, `out_features`, `in_features`).
-    """
-    out = {}
-    for name in family.linears:
-        unit = _UNIT.fullmatch(name) if family.experts is not None else None
-        if unit is None:
-            out[name] = block.get_submodule(name)
-        else:
-            out[name] = ExpertMatrix(block.get_submodule(unit["module"]), family.experts, unit["param"],
-                                     int(unit["index"]), block.get_submodule(family.experts.moe))
-    return out
-
-
-def linear_shapes(block: nn.Module, family: Family) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each prunable linear of a block."""
-    return {name: (lin.out_features, lin.in_features) for name, lin in block_linears(block, family).items()}
-
-
-def row_groups(family: Family, shapes: dict[str, tuple[int, int]], has_next: bool):
-    """Row-step groups of one block: (consumer key, producers) where widths allow it.
-
-    The consumer key is the linear name, or ``"next:" + name`` for the next block's first linear.
-    A producer fits when its output rows are `family.segments(p)` times the consumer's input width
-    (once for a plain linear, twice for Phi-3's [gate | up], ...); lay the consumer's change over
-    its rows with `producer_rows`. A group with a producer that does not fit keeps the block ratio
-    for all its producers: this is the reference's Mistral rule for q, k and v, applied to every
-    grouped-query-attention model (DESIGN §4), fused [q | k | v] included, and to GPT-NeoX's
-    head-interleaved qkv.
-
-    Args:
-        shapes: (out, in) per linear name (blocks of one model share them).
-        has_next: False for the last block, whose last linear has no consumer.
-
-    Returns:
-        (groups, kept): groups is a list of (consumer key, producers); kept lists producers that
-        keep the block ratio because of the width rule.
-    """
-    groups, kept = [], []
-    pairs = list(family.row_map)
-    if family.row_map and has_next:
-        pairs.append(("next:" + family.linears[0], (family.linears[-1],)))
-    for consumer, producers in pairs:
-        width = shapes[consumer.removeprefix("next:")][1]
-        if all(shapes[p][0] == family.segments(p) * width for p in producers):
-            groups.append((consumer, producers))
-        else:
-            kept.extend(producers)
-    return groups, kept
-
-
-def producer_rows(r, family: Family, producer: str, shapes: dict[str, tuple[int, int]]) -> np.ndarray | None:
-    """The consumer's per-channel change r laid over a producer's output rows.
-
-    Output row j of a fused producer feeds input channel ``j mod len(r)`` of its consumer's
-    segment (Phi-3: gate row j and up row j both reach down_proj's channel j), so r is tiled
-    `family.segments(producer)` times; a plain producer gets r itself.
-
-    Args:
-        r: the consumer's change a^d − a^s, one value per consumer input channel.
-        producer: a linear of `family.linears`.
-        shapes: (out, in) per linear name.
-
-    Returns:
-        A float64 array of length out(producer), or None when its rows do not match r (grouped-
-        query attention): the producer then keeps its block ratio, as `row_groups` says.
-
-    Example:
-        Phi-3's `mlp.gate_up_proj` with 6 output rows and down_proj's r = [1, 2, 3] (intermediate
-        size 3) gives [1, 2, 3, 1, 2, 3]; feed that to the row schedule, whose min-max and mean are
-        the same over the copies, so each half gets the consumer's row sparsities.
-    """
-    r = np.asarray(r, dtype=np.float64).reshape(-1)
-    k = family.segments(producer)
-    if shapes[producer][0] != k * r.size:
-        return None
-    return np.tile(r, k)
-
-
-class _StopForward(Exception):
-    """Raised by the last block's recorder to stop the model's forward (not an error)."""
-
-
-@dataclass
-class BlockInputs:
-    """Hidden states entering block 0 and the keyword arguments each block is called with.
-
-    Attributes:
-        hidden: [n, seqlen, d] hidden states entering block 0.
-        kwargs: block 0's keyword arguments (what older callers reuse for every block).
-        layer_kwargs: one dict per block; blocks called alike share one dict object (Llama: one
-            dict for all; Gemma: one per attention kind), and dicts share their tensors.
-    """
-
-    hidden: Tensor  # [n, seqlen, d]
-    kwargs: dict
-    layer_kwargs: list[dict] = field(default_factory=list)
-
-    def kwargs_for(self, block_index: int) -> dict:
-        """The keyword arguments the model passes to block `block_index`."""
-        return self.layer_kwargs[block_index] if self.layer_kwargs else self.kwargs
-
-
-class _Recorder(nn.Module):
-    """Stands in for one block during capture: records its call and passes the hidden states on."""
-
-    def __init__(self, calls: list, last: bool):
-        super().__init__()
-        self.calls, self.last = calls, last
-
-    def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.calls.append((hidden, kwargs))
-        if self.last:
-            raise _StopForward
-        return hidden
-
-
-def _share_identical(per_block: list[dict]) -> list[dict]:
-    """One dict object for blocks whose kwargs hold the very same objects (cheap to keep and ship)."""
-    out: list[dict] = []
-    for kw in per_block:
-        same = next((d for d in out if d.keys() == kw.keys() and all(d[k] is kw[k] for k in kw)), None)
-        out.append(same if same is not None else kw)
-    return out
-
-
-def capture_block_inputs(model: nn.Module, family: Family, input_ids: Tensor) -> BlockInputs:
-    """Run the model's own forward with its blocks replaced by recorders; keep what each gets.
-
-    Only what the model computes before its first block (embeddings, rotary tables, masks) runs,
-    and the forward stops at the last recorder, so this works on a skeleton whose blocks and head
-    are still on the meta device. Kwargs captured with a batch of one serve any batch size.
-
-    Returns:
-        `BlockInputs`: the hidden states entering block 0 and every block's kwargs.
-
-    Raises:
-        RuntimeError: the model's forward did not call each of its blocks.
-    """
-    blocks = get_blocks(model, family)
-    originals = list(blocks)
-    calls: list = []
-    for i in range(len(originals)):
-        blocks[i] = _Recorder(calls, last=i == len(originals) - 1)
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-    if len(calls) != len(originals):
-        raise RuntimeError(f"the model called {len(calls)} of its {len(originals)} blocks: cannot capture their inputs")
-    layer_kwargs = _share_identical([kw for _, kw in calls])
-    return BlockInputs(hidden=calls[0][0], kwargs=layer_kwargs[0], layer_kwargs=layer_kwargs)
-
-
-def call_block(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
-    """Call one decoder block on [b, seqlen, d] hidden states; returns the new hidden states."""
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def apply_head(model: nn.Module, family: Family, hidden: Tensor) -> Tensor:
-    """Final norm, projections, lm head and logit soft-cap: hidden [b, s, d] -> logits [b, s, vocab]."""
-    x = hidden
-    for path in family.head:
-        parent, _, leaf = path.rpartition(".")
-        module = getattr(model.get_submodule(parent) if parent else model, leaf)
-        if module is not None:  # optional projections (OPT's project_out) are None when unused
-            x = module(x)
-    cap = getattr(model.config, family.logit_softcap, None) if family.logit_softcap else None
-    if cap:  # as the CausalLM's forward: logits = cap · tanh(logits / cap)
-        x = torch.tanh(x / cap) * cap
-    return x

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from neuroal.errors import SpecError
-from neuroal.families import ExpertMatrix
+from neuroal.prunable import ExpertMatrix
 
 STATS_DTYPE = torch.float32
 

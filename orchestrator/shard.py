@@ -23,16 +23,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from neuroal import fileio
+from neuroal.block_forward import apply_head, capture_block_inputs
 from neuroal.devices import dtype_name, resolve_device, resolve_dtype
 from neuroal.evaluation import nll_sum
-from neuroal.families import (
-    apply_head,
-    block_linears,
-    capture_block_inputs,
-    family_for,
-    get_blocks,
-    linear_shapes,
-)
+from neuroal.families import family_for, get_blocks
 from neuroal.models import (
     build_skeleton,
     load_config,
@@ -40,6 +34,7 @@ from neuroal.models import (
     resolve_model,
     weight_fetcher,
 )
+from neuroal.prunable import block_linears, linear_shapes
 from orchestrator.offload import BlockResidency
 from orchestrator.planning import ShardSpec
 from orchestrator.tasks import ShardRun, StreamTask

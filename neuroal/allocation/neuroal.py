@@ -28,8 +28,9 @@ from neuroal.allocation.base import ALLOCATORS, Allocation, AllocationProblem, A
 from neuroal.allocation.base import CandidateScore, CandidateScorer
 from neuroal.allocation.schedule import block_lambdas, neuroal_block_sparsity, neuroal_row_sparsity, row_lambdas
 from neuroal.errors import SpecError
-from neuroal.families import Family, producer_rows, row_groups
+from neuroal.families import Family
 from neuroal.methods import METHODS, Method
+from neuroal.row_map import producer_rows, row_groups
 
 STEPS = ("block", "row", "both")
 # the candidate started first (then its neighbours outward): a likely winner finishing early lets

@@ -1,1 +1,2 @@
-"""Offline lm-eval task YAMLs (`*_local`) and their `!function` hooks (`utils.py`); see neuroal.zeroshot."""
+"""Offline lm-eval task YAMLs (`*_local`) and their `!function` hooks (`local_files.py` and a module per
+data source); see neuroal.zeroshot."""

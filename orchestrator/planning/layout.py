@@ -10,7 +10,8 @@ import copy
 import logging
 from dataclasses import dataclass
 
-from neuroal.families import Family, family_for, get_blocks, linear_shapes
+from neuroal.families import Family, family_for, get_blocks
+from neuroal.prunable import linear_shapes
 
 logger = logging.getLogger(__name__)
 

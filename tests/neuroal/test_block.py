@@ -6,9 +6,11 @@ import torch
 from neuroal import block as B
 from neuroal import stats as S
 from neuroal.allocation.owl import OWL
-from neuroal.families import block_linears, capture_block_inputs, get_blocks
+from neuroal.block_forward import capture_block_inputs
+from neuroal.families import get_blocks
 from neuroal.methods import METHODS, Pattern, prune_linear
 from neuroal.models import load_full
+from neuroal.prunable import block_linears
 
 
 @pytest.fixture(scope="module")

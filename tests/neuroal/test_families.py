@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from neuroal.block_forward import apply_head, call_block, capture_block_inputs
 from neuroal.errors import UnsupportedArchitecture
-from neuroal.families import (
-    apply_head, block_linears, call_block, capture_block_inputs, family_for, get_blocks, supported_model_types,
-)
+from neuroal.families import family_for, get_blocks, supported_model_types
 from neuroal.models import build_skeleton, load_config, load_full, materialize
+from neuroal.prunable import block_linears
 
 FAMILY_NAMES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2",
                 "llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2", "mixtral", "qwen3_moe"]

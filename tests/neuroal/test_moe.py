@@ -18,17 +18,12 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from neuroal import block as B
 from neuroal import stats as S
 from neuroal.allocation.neuroal import steps
+from neuroal.block_forward import capture_block_inputs
 from neuroal.errors import SpecError, UnsupportedArchitecture
-from neuroal.families import (
-    ExpertMatrix,
-    Experts,
-    block_linears,
-    capture_block_inputs,
-    family_for,
-    get_blocks,
-)
+from neuroal.families import Experts, family_for, get_blocks
 from neuroal.methods import METHODS
 from neuroal.models import load_full
+from neuroal.prunable import ExpertMatrix, block_linears
 
 MOE = ["mixtral", "qwen3_moe"]
 KINDS = frozenset({S.NORMS, S.MOMENTS, S.HESSIAN})

@@ -11,9 +11,11 @@ import torch
 from transformers import AutoConfig
 
 from neuroal.allocation.schedule import neuroal_row_sparsity
+from neuroal.block_forward import call_block, capture_block_inputs
 from neuroal.errors import UnsupportedArchitecture
-from neuroal.families import call_block, capture_block_inputs, family_for, get_blocks, producer_rows, row_groups
+from neuroal.families import family_for, get_blocks
 from neuroal.models import build_skeleton, load_config, load_full, materialize
+from neuroal.row_map import producer_rows, row_groups
 
 
 @pytest.mark.parametrize(

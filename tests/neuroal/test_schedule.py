@@ -9,7 +9,8 @@ from neuroal.allocation.neuroal import row_ratios
 from neuroal.allocation.schedule import (
     block_lambdas, neuroal_block_sparsity, neuroal_row_sparsity, owl_block_sparsity, row_lambdas,
 )
-from neuroal.families import FAMILIES, family_for, row_groups
+from neuroal.families import FAMILIES, family_for
+from neuroal.row_map import row_groups
 
 
 def test_lambda_sets_match_the_reference():

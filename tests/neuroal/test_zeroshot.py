@@ -276,7 +276,7 @@ def test_offline_prompts_equal_stock_prompts(task, n):
 
 
 def test_hellaswag_ctx_b_capital_restored():
-    from neuroal.tasks.utils import restore_ctx_b_capital as fix
+    from neuroal.tasks.hellaswag import restore_ctx_b_capital as fix
 
     assert fix("Sharpening knives: A man sits on rocks. then he") == "Sharpening knives: A man sits on rocks. Then he"
     assert fix("Sumo: two men") == "Sumo: Two men"

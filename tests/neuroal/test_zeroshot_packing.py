@@ -1,4 +1,4 @@
-"""Packed loglikelihood scoring (`neuroal.zeroshot`): the layout and mask by hand, and, for every family's
+"""Packed loglikelihood scoring (`neuroal.zeroshot_packing`): the layout and mask by hand, and, for every family's
 tiny model, the same (loglikelihood, is_greedy) per request as stock lm-eval `HFLM`."""
 
 from __future__ import annotations
@@ -7,13 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from neuroal.zeroshot import (
-    PACKABLE_MODEL_TYPES,
-    _lm_class,
-    default_batch_size,
-    pack_row,
-    packed_batch,
-)
+from neuroal.zeroshot import default_batch_size
+from neuroal.zeroshot_packing import PACKABLE_MODEL_TYPES, pack_row, packed_batch, packed_lm_class
 
 FAMILIES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba",
             "gemma2", "gemma3_text", "phi3", "olmo2"]
@@ -91,7 +86,7 @@ def _stock_and_packed(model, tokenizer, batch_size, **kw):
     from lm_eval.models.huggingface import HFLM
 
     stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, **kw)
-    packed = _lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kw)
+    packed = packed_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kw)
     return stock, packed
 
 

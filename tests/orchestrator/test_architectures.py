@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from neuroal.families import block_linears, family_for
+from neuroal.families import family_for
+from neuroal.prunable import block_linears
 from orchestrator.run import prune
 from orchestrator.spec import build_spec
 

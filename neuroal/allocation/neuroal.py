@@ -166,6 +166,21 @@ def tie_check(scores, best: float, rescored: Mapping[float, CandidateScore] | No
     return TieCheck(best, lam2, margin, noise, noise is not None and margin <= noise)
 
 
+def decide(scores: Mapping[float, CandidateScore], lambdas: Sequence[float],
+           rescored: Mapping[float, CandidateScore] | None = None, tie_rule: str = "lowest") -> tuple[float, TieCheck | None]:
+    """A step's λ, in pure code: the lowest score (`choose`); given the best two re-scored in reverse
+    window order, checked against the score's float noise (`TieCheck`), and a near tie resolved by
+    `tie_rule`: "lowest" keeps the lowest score (the reference), "reference-order" takes the λ that
+    comes first in the reference's order."""
+    best = choose(scores, lambdas)
+    if rescored is None:
+        return best, None
+    check = tie_check(scores, best, rescored)
+    if check.near_tie and tie_rule == "reference-order" and lambdas.index(check.runner_up) < lambdas.index(best):
+        return check.runner_up, check
+    return best, check
+
+
 @ALLOCATORS.register("neuroal")
 @dataclass(frozen=True)
 class NeuroAL(Allocator):
@@ -194,25 +209,28 @@ class NeuroAL(Allocator):
     def evidence_windows(self) -> int:
         return self.windows
 
-    def _decide(self, step: str, score: CandidateScorer, candidates, scores, lambdas, result: Allocation) -> float:
-        """The step's λ: the lowest score, checked against the score's float noise (`TieCheck`)."""
-        best = choose(scores, lambdas)
-        result.curves[step] = curve(scores, lambdas)
+    def _rescore(self, step: str, score: CandidateScorer, candidates, scores, lambdas):
+        """The best two candidates scored again with the windows in reverse order (None: no tie check;
+        empty: no runner-up to check against)."""
         if not self.tie_check:
-            return best
+            return None
+        best = choose(scores, lambdas)
         lam2, _ = runner_up(scores, best)
-        rescored = None
-        if lam2 is not None:
-            rescored = score(step, {lam: candidates[lam] for lam in (best, lam2)}, first=best, want_alignment=False,
-                             reverse=True)
-        check = tie_check(scores, best, rescored)
+        if lam2 is None:
+            return {}
+        return score(step, {lam: candidates[lam] for lam in (best, lam2)}, first=best, want_alignment=False,
+                     reverse=True)
+
+    @staticmethod
+    def _record(step: str, scores, lambdas, chosen: float, check: TieCheck | None, result: Allocation) -> None:
+        result.curves[step] = curve(scores, lambdas)
+        if check is None:
+            return
         result.extra.setdefault("tie_check", {})[step] = dataclasses.asdict(check)
         if check.near_tie:
             result.notes.append(check.note(step))
-            if self.tie_rule == "reference-order" and lambdas.index(lam2) < lambdas.index(best):
-                result.notes.append(f"{step} step: near tie resolved to λ {lam2:g}, the earlier in the reference's order")
-                return lam2
-        return best
+            if chosen != check.best:
+                result.notes.append(f"{step} step: near tie resolved to λ {chosen:g}, the earlier in the reference's order")
 
     def allocate(self, problem: AllocationProblem, score: CandidateScorer) -> Allocation:
         st = steps(self.step, problem.method, problem.family)
@@ -224,7 +242,9 @@ class NeuroAL(Allocator):
             lambdas = list(candidates)
             scores = score("block", candidates, first=BLOCK_FIRST if BLOCK_FIRST in lambdas else lambdas[0],
                            want_alignment=st.row)
-            best = self._decide("block", score, candidates, scores, lambdas, result)
+            rescored = self._rescore("block", score, candidates, scores, lambdas)
+            best, check = decide(scores, lambdas, rescored, self.tie_rule)
+            self._record("block", scores, lambdas, best, check, result)
             result.lambda_block = best
         else:  # row step only: the alignment comes from the uniform block distribution (λ = 0)
             candidates = block_candidates(problem.n_blocks, problem.sparsity, problem.linears, lambdas=(0.0,))
@@ -240,7 +260,9 @@ class NeuroAL(Allocator):
         candidates, notes = row_candidates(problem.family, problem.shapes, base, base_score.alignment)
         lambdas = list(candidates)
         scores = score("row", candidates, first=ROW_FIRST, want_alignment=False)
-        best = self._decide("row", score, candidates, scores, lambdas, result)
+        rescored = self._rescore("row", score, candidates, scores, lambdas)
+        best, check = decide(scores, lambdas, rescored, self.tie_rule)
+        self._record("row", scores, lambdas, best, check, result)
         result.lambda_row = best
         result.ratios = candidates[best]
         result.notes.extend(notes)

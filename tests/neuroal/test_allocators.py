@@ -109,3 +109,21 @@ def test_a_constructed_near_tie_is_reported_and_the_tie_rule_applies():
     totals[0.08] = 0.99  # a clear lead: no note, the lowest wins under both rules
     clear = NeuroAL(step="block", tie_rule="reference-order").allocate(problem, scorer)
     assert clear.lambda_block == 0.08 and not clear.extra["tie_check"]["block"]["near_tie"]
+
+
+def test_decide_is_a_pure_choice_by_hand():
+    """λ chosen with no chain: lowest total; a lead inside the re-scoring noise is a near tie that
+    "reference-order" gives to the earlier λ; stopped candidates (total None) never win."""
+    from neuroal.allocation.neuroal import decide
+
+    lambdas = [0.01, 0.02, 0.03]
+    scores = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.999, 4.999), 0.03: CandidateScore(None, 6.0)}
+    assert decide(scores, lambdas) == (0.02, None)
+    noisy = {0.01: CandidateScore(5.002, 5.002), 0.02: CandidateScore(4.999, 4.999)}  # 0.01 moved by 0.002 > lead 0.001
+    lam, check = decide(scores, lambdas, noisy)
+    assert lam == 0.02 and check.near_tie and check.runner_up == 0.01
+    assert check.margin == pytest.approx(0.001) and check.noise == pytest.approx(0.002)
+    assert decide(scores, lambdas, noisy, "reference-order")[0] == 0.01
+    steady = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.999, 4.999)}  # no noise: a real lead
+    assert decide(scores, lambdas, steady, "reference-order") == (0.02, decide(scores, lambdas, steady)[1])
+    assert not decide(scores, lambdas, steady)[1].near_tie

@@ -42,6 +42,8 @@ class Experts:
         down: its [E, hidden, inter] parameter.
         router: path of the router, never pruned (documentation and tests).
         count: config attribute holding the number of experts.
+        top_k: config attribute holding how many experts each token is routed to (the planner's
+            estimate of the routed tokens' activations).
         uniform: (config attribute, value) pairs under which every block has the MoE MLP (Qwen3-MoE
             can make some layers dense: `mlp_only_layers`, `decoder_sparse_step`); other values
             are refused, since blocks of one model must share their prunable units.
@@ -53,6 +55,7 @@ class Experts:
     down: str = "down_proj"
     router: str = "mlp.gate"
     count: str = "num_local_experts"
+    top_k: str = "num_experts_per_tok"
     uniform: tuple[tuple[str, object], ...] = ()
 
     def units(self, n_experts: int) -> tuple[str, ...]:

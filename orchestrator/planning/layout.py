@@ -18,10 +18,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Parameter count and prunable-linear shapes of one decoder block."""
+    """Parameter count and prunable-linear shapes of one decoder block.
+
+    A mixture-of-experts block lists every expert's matrices among its linears (one unit per
+    expert slice of a fused parameter, `neuroal.families.block_linears`) and names them in
+    `experts`, with how many experts it has and how many each token is routed to.
+    """
 
     params: int
     linears: tuple[tuple[str, int, int], ...]  # (name, out_features, in_features)
+    experts: frozenset[str] = frozenset()  # the expert units among `linears`
+    n_experts: int = 0  # experts of the MoE block (0: dense)
+    experts_per_token: int = 0  # top-k routing
+
+    @property
+    def dense_sum_out(self) -> int:
+        """Σ out over the linears every token goes through (all of them in a dense block)."""
+        return sum(o for n, o, _ in self.linears if n not in self.experts)
+
+    @property
+    def routed_width(self) -> int:
+        """Per token, Σ (out + in) of the expert matrices it is routed to: k/E of all experts' sum."""
+        if not self.n_experts:
+            return 0
+        total = sum(o + i for n, o, i in self.linears if n in self.experts)
+        return self.experts_per_token * total // self.n_experts
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters held in fused expert tensors."""
+        return sum(o * i for n, o, i in self.linears if n in self.experts)
 
     @property
     def max_in(self) -> int:
@@ -128,14 +154,23 @@ def _measure(key: str | None, config, family: Family) -> ModelLayout:
             post += p.numel()
         else:
             pre += p.numel()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_experts = top_k = 0
+    experts: frozenset[str] = frozenset()
+    if family.experts is not None:
+        n_experts = int(getattr(text, family.experts.count))
+        top_k = min(int(getattr(text, family.experts.top_k)), n_experts)
+        experts = frozenset(family.experts.units(n_experts))
     layouts = tuple(
         BlockLayout(
             params=block_params[i],
             linears=tuple((n, o, i_) for n, (o, i_) in linear_shapes(blocks[i], family).items()),
+            experts=experts,
+            n_experts=n_experts,
+            experts_per_token=top_k,
         )
         for i in range(n_blocks)
     )
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     out_emb = model.get_output_embeddings()
     in_emb = model.get_input_embeddings()
     tied = 0

@@ -99,6 +99,30 @@ def estimate_activation(
         logits         = S · V · (e + 8)             last shard only: logits of one window plus the
                                                      fp32 upcast and log-softmax (perplexity)
 
+    Mixture-of-experts blocks (E experts, top-k routing; the expert matrices are among the linears,
+    one per expert slice, see `BlockLayout`) change two terms; every per-linear term above stays
+    per expert matrix, since the code keeps those whatever the routing: the running sums, the
+    [in, in] Hessian of every expert's gate_up and down (SparseGPT/APT; `neuroal.stats` keeps one
+    per unit for the whole block), the widest input's fp32 upcast (an expert can be routed all T
+    tokens, and `ExpertRule.calibrate_all` hands each expert every token, one expert at a time)::
+
+        working_set    = T · (Σ_dense out_i + max in_i + 2d + k/E · Σ_experts (out_i + in_i)) · e
+                                                     each token reaches k experts, so the routed
+                                                     (token, expert) pairs number T·k whatever the
+                                                     balance, not T·E: charging every expert every
+                                                     token overstates the expert part E/k-fold (4x
+                                                     Mixtral-8x7B, 16x Qwen3-30B-A3B). Per pair the
+                                                     fused kernel (transformers' grouped_mm, which
+                                                     runs all T·k pairs at once) holds the gathered
+                                                     input (d), gate_up's output (2I), act(gate)·up
+                                                     (I) and down's output (d): Σ (out + in) of one
+                                                     expert's matrices. The eager per-expert loop
+                                                     holds one expert's pairs at a time, less.
+        candidate_copy = (P + P_experts) · e         `neuroal.block.score_block` builds every
+                                                     unit's pruned weights, then clones each fused
+                                                     expert parameter whole to write them in; the
+                                                     two coexist until the pruned ones are dropped
+
     Only one stream is computed at a time per actor (Ray actors run one method call at a time),
     so the working set, statistics and workspaces are counted once; the other K−1 streams only
     hold their hidden states. Calibration windows beyond the streams in flight (the 128-window
@@ -120,11 +144,12 @@ def estimate_activation(
         hessians = (block.sum_in_sq + SOLVER_HESSIAN_COPIES * in_w * in_w + out_w * in_w) * STATS_BYTES
     return ActivationEstimate(
         streams=(streams_in_flight + 1) * stream_windows * seqlen * hidden_size * e,
-        working_set=tokens * (block.sum_out + block.max_in + 2 * hidden_size) * e,
+        # MoE: only the routed (token, expert) pairs' activations, k/E of all experts' (see above)
+        working_set=tokens * (block.dense_sum_out + block.routed_width + block.max_in + 2 * hidden_size) * e,
         stats_upcast=2 * tokens * block.max_in * STATS_BYTES,
         linear_stats=4 * block.sum_in * STATS_BYTES,
         hessians=hessians,
-        candidate_copy=block.params * e,
+        candidate_copy=(block.params + block.expert_params) * e,
         mask_workspace=block.max_weight * MASK_BYTES_PER_WEIGHT,
         logits=logits_bytes(seqlen, vocab_size, e) if with_head else 0,
     )

@@ -70,8 +70,142 @@ SMOLLM2_135M = {
 }
 
 
+# Published config.json of the hub checkpoints the issue names (meta-llama/Llama-3.1-70B,
+# google/gemma-2-27b, mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B), transformers_version left out.
+LLAMA31_70B = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "hidden_act": "silu",
+    "hidden_size": 8192,
+    "initializer_range": 0.02,
+    "intermediate_size": 28672,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+GEMMA2_27B = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0,
+    "bos_token_id": 2,
+    "cache_implementation": "hybrid",
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "head_dim": 128,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 4608,
+    "initializer_range": 0.02,
+    "intermediate_size": 36864,
+    "max_position_embeddings": 8192,
+    "model_type": "gemma2",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 46,
+    "num_key_value_heads": 16,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 144,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "sliding_window_size": 4096,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 256000,
+}
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "model_type": "mixtral",
+    "num_attention_heads": 32,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "vocab_size": 32000,
+}
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "decoder_sparse_step": 1,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "model_type": "qwen3_moe",
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "router_aux_loss_coef": 0.001,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+
+# name -> (config, published parameter count)
+PUBLISHED = {
+    "llama3.1-70b": (LLAMA31_70B, 70.6e9),
+    "gemma2-27b": (GEMMA2_27B, 27.2e9),
+    "mixtral-8x7b": (MIXTRAL_8X7B, 46.7e9),
+    "qwen3-30b-a3b": (QWEN3_30B_A3B, 30.5e9),
+}
+
+
 @pytest.fixture(scope="module")
-def configs(tmp_path_factory):
+def config_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("configs")
     out = {}
     for name, data in {
@@ -79,12 +213,18 @@ def configs(tmp_path_factory):
         "llama3-70b": LLAMA3_70B,
         "llama2-7b": LLAMA2_7B,
         "smollm2-135m": SMOLLM2_135M,
+        **{name: data for name, (data, _) in PUBLISHED.items()},
     }.items():
         path = root / name / "config.json"
         path.parent.mkdir()
         path.write_text(json.dumps(data))
-        out[name] = load_plan_config(str(path))
+        out[name] = path
     return out
+
+
+@pytest.fixture(scope="module")
+def configs(config_files):
+    return {name: load_plan_config(str(path)) for name, path in config_files.items()}
 
 
 def tiny_llama(**kw) -> LlamaConfig:
@@ -197,6 +337,108 @@ def test_70b_sparsegpt_adds_hessians(configs):
     expected = (6 * 8192**2 + 28672**2 + 4 * 28672**2 + 8192 * 28672) * 4
     assert h == expected
     assert sgpt.shards[1].activation_bytes == wanda.shards[1].activation_bytes + h
+
+
+# The issue's four: fewest 80 GB actors at the CLI defaults (bf16, 2 streams x 8 windows x 2048
+# tokens, 10% headroom: a 72 GB budget), counted from the estimate's terms:
+#   Llama-3.1-70B  wanda 3 (~47 GB weights + 14.5 GB each)   sparsegpt 4 (+19 GB of Hessians per actor)
+#   Gemma-2-27B    wanda 2 (~28 GB + 14-19 GB)               sparsegpt 3 (+28 GB: down_proj's 36864² XᵀX
+#                                                            and its OBS workspace)
+#   Mixtral-8x7B   wanda 2 (46.7 GB + 14-15 GB)              sparsegpt 3 (+11 GB: 8 experts' Hessians)
+#   Qwen3-30B-A3B  wanda 1 (61.1 GB + 8.6 GB of 72 GB)       sparsegpt 2 (+2.9 GB of 128 experts' Hessians:
+#                                                            72.6 GB on one actor does not fit)
+PUBLISHED_ACTORS = {
+    ("llama3.1-70b", "wanda"): 3,
+    ("llama3.1-70b", "sparsegpt"): 4,
+    ("gemma2-27b", "wanda"): 2,
+    ("gemma2-27b", "sparsegpt"): 3,
+    ("mixtral-8x7b", "wanda"): 2,
+    ("mixtral-8x7b", "sparsegpt"): 3,
+    ("qwen3-30b-a3b", "wanda"): 1,
+    ("qwen3-30b-a3b", "sparsegpt"): 2,
+}
+
+
+@pytest.mark.parametrize("name,method", sorted(PUBLISHED_ACTORS))
+def test_published_configs_plan_on_80gb(config_files, configs, name, method):
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    cfg, published = configs[name], PUBLISHED[name][1]
+    plan = plan_shards(cfg, mem_per_actor=parse_bytes("80GB"), method=method)
+    check_invariants(plan)
+    assert abs(plan.total_params - published) / published < 0.01
+    assert plan.n_blocks == cfg.num_hidden_layers
+    # bf16 weights: every unique parameter once, plus the tied head's copy on the last shard
+    tied_copy = cfg.vocab_size * cfg.hidden_size * 2 if plan.tied_embeddings and plan.n_actors > 1 else 0
+    assert sum(s.param_bytes for s in plan.shards) == plan.total_params * 2 + tied_copy
+    assert plan.n_actors == PUBLISHED_ACTORS[name, method]
+    assert plan.n_actors >= math.ceil(plan.total_params * 2 / plan.budget_bytes)  # weights alone need that many
+    assert (plan.shards[0].activation.hessians > 0) == (method == "sparsegpt")
+    if plan.n_actors > 1:  # the fewest: one actor less does not fit
+        with pytest.raises(SpecError):
+            plan_shards(cfg, mem_per_actor=parse_bytes("80GB"), n_actors=plan.n_actors - 1, method=method)
+
+    # the same plan through `neuroal plan --model <config.json>`, printed and written as JSON
+    out = config_files[name].parent / f"plan-{method}.json"
+    result = CliRunner().invoke(
+        app, ["plan", "--model", str(config_files[name]), "--method", method, "--json", str(out)], env={"COLUMNS": "160"}
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text()) == json.loads(json.dumps(plan.to_dict()))
+    text = " ".join(result.output.split())  # rich wraps the title and caption to the table's width
+    title = f"{cfg.model_type}: {plan.n_blocks} blocks, {plan.total_params / 1e9:.2f}B params"
+    assert title in text and f"{plan.n_actors} actor(s) x 80.0 GB" in text and f"method {method}" in text
+    for s in plan.shards:
+        assert f"{s.first_block}-{s.last_block}" in text and format_bytes(s.total_bytes) in text
+    # it is `render_plan`'s table, one row per actor
+    console = Console(width=160, record=True, file=open("/dev/null", "w"))
+    console.print(render_plan(plan))
+    assert " ".join(console.export_text().split()) == text
+    assert render_plan(plan).row_count == plan.n_actors == len(plan_lines(plan)) - 3
+
+
+def test_published_shapes(configs):
+    """The config fields that change the shapes are read: llama3 rope, Gemma 2's head_dim, the experts."""
+    llama = configs["llama3.1-70b"]
+    rope = getattr(llama, "rope_parameters", None) or llama.rope_scaling
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+    gemma = measure_model(configs["gemma2-27b"])
+    assert dict((n, (o, i)) for n, o, i in gemma.blocks[0].linears)["self_attn.q_proj"] == (32 * 128, 4608)
+    assert gemma.tied_params == 256000 * 4608
+    for name, E, k, I in (("mixtral-8x7b", 8, 2, 14336), ("qwen3-30b-a3b", 128, 8, 768)):
+        block = measure_model(configs[name]).blocks[0]
+        d = configs[name].hidden_size
+        assert (block.n_experts, block.experts_per_token) == (E, k)
+        assert len(block.experts) == 2 * E and len(block.linears) == 4 + 2 * E
+        assert block.expert_params == E * 3 * d * I
+        assert block.routed_width == k * (2 * I + d + d + I)
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_moe_activation_terms_by_hand(configs, name):
+    """Routed tokens' activations (k of E experts per token); per-expert Hessians and sums for every expert."""
+    cfg = configs[name]
+    d, E, k = cfg.hidden_size, 8 if name.startswith("mixtral") else 128, cfg.num_experts_per_tok
+    I = cfg.intermediate_size if name.startswith("mixtral") else cfg.moe_intermediate_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    wanda = plan_shards(cfg, n_actors=4, mem_per_actor=parse_bytes("80GB"))
+    sgpt = plan_shards(cfg, n_actors=4, mem_per_actor=parse_bytes("80GB"), method="sparsegpt")
+    act, T, e = wanda.shards[1].activation, 8 * 2048, 2
+    attn_out, attn_in = [q, kv, kv, d], [d, d, d, q]  # q, k, v, o
+    assert act.working_set == T * (sum(attn_out) + k * (d + 2 * I + I + d) + max(attn_in + [I]) + 2 * d) * e
+    assert act.stats_upcast == 2 * T * max(attn_in + [I]) * 4  # one expert may get every token
+    assert act.linear_stats == 4 * (sum(attn_in) + E * (d + I)) * 4
+    block = measure_model(cfg).blocks[1]
+    assert act.candidate_copy == (block.params + E * 3 * d * I) * e
+    widest = max([(i, o) for o, i in zip(attn_out, attn_in)] + [(d, 2 * I), (I, d)])
+    per_expert = E * (d * d + I * I)  # gate_up's [d, d] and down's [I, I] XᵀX, for every expert
+    h = (sum(i * i for i in attn_in) + per_expert + 4 * widest[0] ** 2 + widest[0] * widest[1]) * 4
+    assert sgpt.shards[1].activation.hessians == h
+    assert sgpt.shards[1].activation_bytes == act.total + h
 
 
 def test_7b_fits_one_24gb(configs):
@@ -382,6 +624,13 @@ TINY_FAMILIES = {
     "phi": dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4),
     "gpt_neox": dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4),
     "mamba": dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, state_size=4, expand=2, conv_kernel=4),
+    # issue 13's families
+    "gemma2": dict(_GQA, head_dim=8, sliding_window=8, query_pre_attn_scalar=8),
+    "gemma3_text": dict(_GQA, head_dim=8, sliding_window=8, query_pre_attn_scalar=8),
+    "phi3": dict(_GQA, pad_token_id=0),
+    "olmo2": dict(_GQA, pad_token_id=0, eos_token_id=0),
+    "mixtral": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_GQA, head_dim=8, moe_intermediate_size=37, num_experts=4, num_experts_per_tok=2),
 }
 
 

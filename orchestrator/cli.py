@@ -322,7 +322,7 @@ def plan(
     method: str = typer.Option("wanda"),
     streams: int = typer.Option(2, help="streams in flight per actor"),
     seqlen: int = typer.Option(2048),
-    nsamples: int = typer.Option(128, help="calibration windows of the final pass (offloaded plans)"),
+    nsamples: int = typer.Option(128, help="calibration windows of the final pass (one stream of them all)"),
     offload: str = typer.Option("auto", help="auto (when the blocks do not fit), none, cpu, disk"),
     tflops: float = typer.Option(ASSUMED_TFLOPS, help="sustained device TFLOP/s for the offloaded time projection"),
     h2d_gbps: float = typer.Option(ASSUMED_H2D_GBPS, help="host->device GB/s for the projection"),
@@ -355,7 +355,7 @@ def plan(
         if offload in ("auto", "none"):
             try:
                 p = plan_shards(cfg, n_actors=gpus, mem_per_actor=mem, dtype=dtype, method=method,
-                                streams_in_flight=streams, seqlen=seqlen)
+                                streams_in_flight=streams, seqlen=seqlen, nsamples=nsamples)
             except SpecError as exc:
                 if offload == "none":
                     raise

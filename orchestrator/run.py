@@ -74,7 +74,8 @@ def prune_options(spec: PruneSpec) -> PruneOptions:
 def session_for(spec: PruneSpec, *, resume_dir: Path | None = None) -> Session:
     session = open_session(spec.model, executor=spec.executor, shards=spec.shards, dtype=spec.dtype,
                            device=spec.device, address=spec.address, gpu_mem=spec.gpu_mem, offload=spec.offload, method=spec.method,
-                           stream_windows=spec.search_windows, seqlen=spec.seqlen, resume_dir=resume_dir)
+                           stream_windows=spec.search_windows, seqlen=spec.seqlen, nsamples=spec.nsamples,
+                           resume_dir=resume_dir)
     try:
         check_pattern(session.shapes, parse_pattern(spec.pattern), spec.pattern)
     except NeuroalError:

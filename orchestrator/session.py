@@ -30,7 +30,7 @@ def n_blocks_of(config) -> int:
 
 
 def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, method: str, stream_windows: int,
-                   seqlen: int, offload: str = "none") -> tuple[list[ShardSpec], str, str]:
+                   seqlen: int, nsamples: int = 1, offload: str = "none") -> tuple[list[ShardSpec], str, str]:
     """Contiguous shards balanced by parameter bytes (orchestrator.planning), checked against --gpu-mem.
 
     With `offload="auto"`, shards whose blocks do not fit --gpu-mem are offloaded to host memory
@@ -45,7 +45,7 @@ def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, meth
 
     def plan(mem):
         return plan_shards(config, n_actors=shards, mem_per_actor=mem, dtype=dtype, method=method,
-                           stream_windows=stream_windows, seqlen=seqlen).shard_specs()
+                           stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples).shard_specs()
 
     if offload in ("cpu", "disk"):
         return plan(2**60), offload, f"--offload {offload}"
@@ -125,13 +125,15 @@ def open_session(
     method: str = "wanda",
     stream_windows: int = 8,
     seqlen: int = 2048,
+    nsamples: int = 1,
     shard_specs: list[ShardSpec] | None = None,
     resume_dir: Path | None = None,
 ) -> Session:
     """Open the model as a chain of shards (in-process or Ray actors).
 
     Args:
-        method, stream_windows, seqlen: what the shard plan's activation estimate assumes.
+        method, stream_windows, seqlen, nsamples: what the shard plan's activation estimate assumes
+            (nsamples: the final pass's windows; 1 for a session that only evaluates).
         resume_dir: where shards checkpoint their pruned blocks; a restarted actor or a rerun
             restores them instead of pruning again.
     """
@@ -146,8 +148,8 @@ def open_session(
     try:
         return _open(model, model_dir, config, family, executor=executor, shards=shards, dtype=dtype, device=device,
                      address=address, gpu_mem=gpu_mem, offload=offload, method=method, stream_windows=stream_windows,
-                     seqlen=seqlen,
-                     shard_specs=shard_specs, resume_dir=resume_dir, started_ray=started_ray)
+                     seqlen=seqlen, nsamples=nsamples, shard_specs=shard_specs, resume_dir=resume_dir,
+                     started_ray=started_ray)
     except BaseException:
         if started_ray:
             import ray
@@ -168,11 +170,12 @@ def compute_kind(device: str, executor: str) -> str:
 
 
 def _open(model, model_dir, config, family, *, executor, shards, dtype, device, address, gpu_mem, offload, method,
-          stream_windows, seqlen, shard_specs, resume_dir, started_ray) -> Session:
+          stream_windows, seqlen, nsamples, shard_specs, resume_dir, started_ray) -> Session:
     kind = compute_kind(device, executor)
     plan_dtype = dtype_name(resolve_dtype(dtype, torch.device(kind)))
     planned, mode, why = planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=plan_dtype, method=method,
-                                        stream_windows=stream_windows, seqlen=seqlen, offload=offload)
+                                        stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples,
+                                        offload=offload)
     shard_specs = shard_specs or planned
     budget = parse_bytes(gpu_mem) if gpu_mem else None
     place = dict(offload=mode, budget=budget)

@@ -68,15 +68,21 @@ def estimate_activation(
     micro_tokens: int,
     vocab_size: int = 0,
     with_head: bool = False,
+    final_windows: int = 0,
 ) -> ActivationEstimate:
     """Estimate the activation memory of one actor whose largest block is `block`.
 
     Notation: e = bytes per element of the compute dtype, K = streams in flight, W = windows per
-    stream, S = seqlen, d = hidden size, T = min(W·S, micro_tokens) tokens per block call, and for
-    the block's prunable linears (out_i, in_i); P = the block's parameter count, V = vocab size::
+    stream, N = windows of the final pass (`final_windows`, nsamples), S = seqlen, d = hidden size,
+    T = min(W·S, micro_tokens) tokens per block call, and for the block's prunable linears
+    (out_i, in_i); P = the block's parameter count, V = vocab size::
 
-        streams        = (K + 1) · W·S·d · e         K resident stream inputs + the output buffer
-                                                     of the stream being computed
+        streams        = max((K + 1) · W, 2 · N) · S·d · e
+                                                     the search: K resident stream inputs + the
+                                                     output buffer of the stream being computed;
+                                                     the final pass (and OWL's statistics): all N
+                                                     windows as one stream, its input and its
+                                                     output (`neuroal.block.forward_block`)
         working_set    = T · (Σ out_i + max in_i + 2d) · e
                                                      one block forward on a micro-batch: every
                                                      linear's output, the widest linear input
@@ -125,13 +131,13 @@ def estimate_activation(
 
     Only one stream is computed at a time per actor (Ray actors run one method call at a time),
     so the working set, statistics and workspaces are counted once; the other K−1 streams only
-    hold their hidden states. Calibration windows beyond the streams in flight (the 128-window
-    final pass) wait in the Ray object store, in host memory, not on the accelerator. Attention
+    hold their hidden states. The final pass comes after the search, never beside it. Attention
     is assumed fused (SDPA flash / memory-efficient kernels on GPU): no [S, S] score matrix.
 
     It is an estimate: the caller leaves a `headroom` fraction of each accelerator unplanned
     (default 10%) for the CUDA context (~0.5–1 GB), caching-allocator fragmentation, NCCL buffers
-    and the estimate's own error, which should stay within ±15% of the measured peak.
+    and the estimate's own error (not yet measured on a GPU; `tests/orchestrator/test_real_model.py`
+    compares it with the actors' measured peak on CPU).
 
     Returns:
         The estimate, term by term.
@@ -143,7 +149,7 @@ def estimate_activation(
         out_w, in_w = block.widest
         hessians = (block.sum_in_sq + SOLVER_HESSIAN_COPIES * in_w * in_w + out_w * in_w) * STATS_BYTES
     return ActivationEstimate(
-        streams=(streams_in_flight + 1) * stream_windows * seqlen * hidden_size * e,
+        streams=max((streams_in_flight + 1) * stream_windows, 2 * final_windows) * seqlen * hidden_size * e,
         # MoE: only the routed (token, expert) pairs' activations, k/E of all experts' (see above)
         working_set=tokens * (block.dense_sum_out + block.routed_width + block.max_in + 2 * hidden_size) * e,
         stats_upcast=2 * tokens * block.max_in * STATS_BYTES,

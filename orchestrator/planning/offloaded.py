@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from neuroal.errors import SpecError
 from orchestrator.planning.layout import measure_model
-from orchestrator.planning.memory import estimate_activation, logits_bytes
+from orchestrator.planning.memory import estimate_activation
 from orchestrator.planning.partition import _needs_hessian, _default_micro_tokens, plan_shards
 from orchestrator.planning.shards import Plan
 from orchestrator.planning.sizes import DTYPE_BYTES, canonical_dtype, format_bytes, parse_bytes
@@ -72,9 +72,9 @@ def plan_offloaded(config, *, n_actors: int | None = None, mem_per_actor, mode: 
                    headroom: float = 0.1, reason: str = "") -> OffloadPlan:
     """Offloaded shards: blocks balanced by bytes over `n_actors` (default 1), one block at a time on a device.
 
-    The device need of a shard is the largest of two passes on its largest block: the search's
-    block-major step (`SEARCH_STREAMS` candidates of `stream_windows` windows, all resident) and the
-    final pass (one stream of `nsamples` windows, input and output both resident).
+    The device need of a shard is that of its largest block in the larger of two passes: the
+    search's block-major step (`SEARCH_STREAMS` candidates of `stream_windows` windows, all
+    resident) and the final pass (one stream of `nsamples` windows, input and output resident).
 
     Raises:
         SpecError: a bad mode, or even one block per turn does not fit (naming ``--gpu-mem``).
@@ -83,7 +83,7 @@ def plan_offloaded(config, *, n_actors: int | None = None, mem_per_actor, mode: 
         raise SpecError("--offload", mode, ", ".join(OFFLOAD_MODES))
     mem_per_actor = parse_bytes(mem_per_actor)
     plan = plan_shards(config, n_actors=n_actors or 1, mem_per_actor=2**60, dtype=dtype, stream_windows=stream_windows,
-                       seqlen=seqlen, method=method, headroom=headroom)
+                       seqlen=seqlen, method=method, headroom=headroom, nsamples=nsamples)
     plan = replace(plan, mem_per_actor=mem_per_actor)  # the ranges ignore the budget; the device need below does not
     layout = measure_model(config)
     e = DTYPE_BYTES[canonical_dtype(dtype)]
@@ -93,10 +93,9 @@ def plan_offloaded(config, *, n_actors: int | None = None, mem_per_actor, mode: 
     for s in plan.shards:
         blocks = [layout.blocks[b] for b in s.blocks]
         largest = max(blocks, key=lambda b: b.params)
-        passes = [estimate_activation(largest, hidden_size=layout.hidden_size, dtype_bytes=e, streams_in_flight=k,
-                                      stream_windows=w, seqlen=seqlen, hessian=hessian, micro_tokens=micro)
-                  for k, w in ((SEARCH_STREAMS, stream_windows), (1, nsamples))]
-        act = max(p.total for p in passes) + (logits_bytes(seqlen, layout.vocab_size, e) if s.has_head else 0)
+        act = estimate_activation(largest, hidden_size=layout.hidden_size, dtype_bytes=e, streams_in_flight=SEARCH_STREAMS,
+                                  stream_windows=stream_windows, seqlen=seqlen, hessian=hessian, micro_tokens=micro,
+                                  vocab_size=layout.vocab_size, with_head=s.has_head, final_windows=nsamples).total
         ends = s.param_bytes - s.block_param_bytes  # embeddings / head stay on the device
         device = ends + largest.params * e + act
         if device > budget:

@@ -173,6 +173,7 @@ def plan_shards(
     seqlen: int = 2048,
     method: str = "wanda",
     headroom: float = 0.1,
+    nsamples: int = 128,
 ) -> Plan:
     """Split the decoder blocks into contiguous shards under a per-actor memory budget.
 
@@ -190,6 +191,7 @@ def plan_shards(
         dtype: compute dtype of weights and activations: bfloat16, float16 or float32.
         streams_in_flight: streams resident on each actor at once (pipeline depth).
         stream_windows: calibration windows per stream (8 for the NeuroAL search).
+        nsamples: calibration windows of the final pass, one stream of them all (128).
         seqlen: tokens per window.
         method: base pruning method; SparseGPT/APT add the per-linear Hessians.
         headroom: fraction of `mem_per_actor` left unplanned, in [0, 1).
@@ -207,6 +209,7 @@ def plan_shards(
     mem_per_actor = parse_bytes(mem_per_actor)
     _positive("--streams", streams_in_flight)
     _positive("--stream-windows", stream_windows)
+    _positive("--nsamples", nsamples)
     _positive("--seqlen", seqlen)
     if isinstance(headroom, bool) or not (isinstance(headroom, (int, float)) and 0.0 <= headroom < 1.0):
         raise SpecError("--headroom", headroom, "a fraction in [0, 1)")
@@ -228,6 +231,7 @@ def plan_shards(
             stream_windows=stream_windows,
             seqlen=seqlen,
             hessian=hessian,
+            final_windows=nsamples,
             micro_tokens=micro_tokens,
         )
         for b in layout.blocks
@@ -285,6 +289,7 @@ def plan_shards(
         seqlen=seqlen,
         method=method,
         block_param_bytes=tuple(b.params * e for b in layout.blocks),
+        nsamples=nsamples,
     )
     logger.info(
         "plan: %s, %d blocks in %d shards, largest %s of %s budget",

@@ -78,7 +78,8 @@ def _title(plan: Plan) -> str:
 def _caption(plan: Plan) -> str:
     return (
         f"budget {format_bytes(plan.budget_bytes)} per actor ({plan.headroom:.0%} headroom); activations: "
-        f"{plan.streams_in_flight} streams x {plan.stream_windows} windows x {plan.seqlen} tokens, "
+        f"{plan.streams_in_flight} streams x {plan.stream_windows} windows (final pass: {plan.nsamples}) x "
+        f"{plan.seqlen} tokens, "
         f"method {plan.method}"
     )
 

@@ -125,7 +125,8 @@ class Plan:
         tied_embeddings: the head reuses the input embedding matrix.
         mem_per_actor: accelerator memory per actor, bytes.
         headroom: fraction of ``mem_per_actor`` left unplanned.
-        streams_in_flight, stream_windows, seqlen, method: what the activation estimate assumes.
+        streams_in_flight, stream_windows, seqlen, method, nsamples: what the activation estimate
+            assumes (nsamples: the final pass's windows, one stream).
         block_param_bytes: bytes of each decoder block, in order.
     """
 
@@ -143,6 +144,7 @@ class Plan:
     seqlen: int
     method: str
     block_param_bytes: tuple[int, ...] = field(repr=False, default=())
+    nsamples: int = 128
 
     @property
     def n_actors(self) -> int:
@@ -176,6 +178,7 @@ class Plan:
             "budget_bytes": self.budget_bytes,
             "streams_in_flight": self.streams_in_flight,
             "stream_windows": self.stream_windows,
+            "nsamples": self.nsamples,
             "seqlen": self.seqlen,
             "method": self.method,
             "block_param_bytes": list(self.block_param_bytes),

@@ -77,8 +77,10 @@ def test_device_need_by_hand():
     p = plan_offloaded(cfg, n_actors=2, mem_per_actor=10**9, dtype="float32", seqlen=16, nsamples=32, method="wanda")
     first, last = p.plan.shards
     act = [estimate_activation(block, hidden_size=32, dtype_bytes=4, streams_in_flight=k, stream_windows=w, seqlen=16,
-                               hessian=False, micro_tokens=10**9) for k, w in ((SEARCH_STREAMS, 8), (1, 32))]
-    biggest = max(a.total for a in act)
+                               hessian=False, micro_tokens=10**9) for k, w in ((SEARCH_STREAMS, 8), (0, 32))]
+    assert act[1].streams == 32 * 16 * 32 * 4 and act[0].streams == 16 * 8 * 16 * 32 * 4  # hand counts
+    streams = max(16 * 8, 2 * 32) * 16 * 32 * 4  # 15 candidates + 1 output buffer vs the final pass in + out
+    biggest = act[0].total - act[0].streams + streams
     embed, head = 99 * 32 * 4, (32 + 99 * 32) * 4
     assert p.shards[0].device_bytes == embed + block.params * 4 + biggest
     assert p.shards[1].device_bytes == head + block.params * 4 + biggest + logits_bytes(16, 99, 4)

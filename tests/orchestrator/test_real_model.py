@@ -122,8 +122,9 @@ def test_actor_memory_stays_within_the_plan(shards, shared_data, tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=OBJECT_STORE)
     try:
         base = ray.get(ray.remote(baseline_worker).remote())
-        spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=seqlen,
-                          nsamples=nsamples, executor="ray", shards=shards, data_dir=str(shared_data), out=str(tmp_path))
+        spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", neuroal_step="block", sparsity=0.7,
+                          seqlen=seqlen, nsamples=nsamples, executor="ray", shards=shards, data_dir=str(shared_data),
+                          out=str(tmp_path))
         session = session_for(spec)
         try:
             execute(spec, tmp_path / "run", session=session)

@@ -48,27 +48,53 @@ def run(mode: str, block_major: bool, seqlen: int) -> dict:
             "scores": [p["score"] for p in alloc.curves["block"] if p["complete"]]}
 
 
+def summary(results: dict) -> dict:
+    """Per offload mode: median wall time of each order, their ratio, block moves, same λ."""
+    out = {}
+    for mode in ("cpu", "disk"):
+        s, b = results[f"{mode}-stream"], results[f"{mode}-block"]
+        ms, mb = median([r["wall_s"] for r in s]), median([r["wall_s"] for r in b])
+        out[mode] = {"median_stream_s": ms, "median_block_s": mb, "block_over_stream_speedup": ms / mb,
+                     "moves_stream": s[0]["moves_total"], "moves_block": b[0]["moves_total"],
+                     "same_lambda": s[0]["lambda_block"] == b[0]["lambda_block"]}
+    return out
+
+
+def print_summary(results: dict, summ: dict, config: dict) -> None:
+    rows = []
+    for mode, m in summ.items():
+        s, b = results[f"{mode}-stream"][0], results[f"{mode}-block"][0]
+        rows.append([mode, "stream-major", m["median_stream_s"], m["moves_stream"], str(s["moves_per_block"]), "",
+                     str(m["same_lambda"])])
+        rows.append([mode, "block-major", m["median_block_s"], m["moves_block"], str(b["moves_per_block"]),
+                     f"{m['block_over_stream_speedup']:.2f}x", str(m["same_lambda"])])
+    print_table(f"NeuroAL block step, SmolLM2, offloaded, 8 x {config['seqlen']} (medians of {config['repeats']})",
+                ["offload", "order", "search s", "block moves", "moves per block", "speed-up", "same λ"], rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offload.json"))
+    ap.add_argument("--summary-only", action="store_true", help="recompute the medians from --out's runs")
     args = ap.parse_args()
-    results, rows = {}, []
+    if args.summary_only:
+        import json
+
+        stored = json.loads(Path(args.out).read_text())
+        stored["summary"] = summary(stored["results"])
+        print_summary(stored["results"], stored["summary"], stored["config"])
+        write_json(Path(args.out), stored)
+        return
+    results = {}
     for mode in ("cpu", "disk"):
         for bm in (False, True):
             rs = [in_child(run, mode, bm, args.seqlen) for _ in range(args.repeats)]
             results[f"{mode}-{'block' if bm else 'stream'}"] = rs
-    for mode in ("cpu", "disk"):
-        s, b = results[f"{mode}-stream"], results[f"{mode}-block"]
-        ms, mb = median([r["wall_s"] for r in s]), median([r["wall_s"] for r in b])
-        same = s[0]["lambda_block"] == b[0]["lambda_block"]
-        rows.append([mode, "stream-major", ms, s[0]["moves_total"], str(s[0]["moves_per_block"]), "", str(same)])
-        rows.append([mode, "block-major", mb, b[0]["moves_total"], str(b[0]["moves_per_block"]), f"{ms / mb:.2f}x",
-                     str(same)])
-    print_table(f"NeuroAL block step, SmolLM2, offloaded, 8 x {args.seqlen} (medians of {args.repeats})",
-                ["offload", "order", "search s", "block moves", "moves per block", "speed-up", "same λ"], rows)
-    write_json(Path(args.out), {"config": vars(args), "machine": machine(), "results": results})
+    summ = summary(results)
+    print_summary(results, summ, vars(args))
+    write_json(Path(args.out), {"config": vars(args), "machine": machine(), "results": results, "summary": summ})
 
 
 if __name__ == "__main__":

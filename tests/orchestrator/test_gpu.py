@@ -12,10 +12,10 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
 
-def _run(tiny_dirs, shared_data, out, executor):
+def _run(tiny_dirs, shared_data, out, executor, **kw):
     spec = build_spec(model=str(tiny_dirs["llama_gqa"]), method="wanda", top_up="neuroal", sparsity=0.6, seqlen=32,
                       nsamples=8, executor=executor, data_dir=str(shared_data), eval="wikitext2", eval_windows=4,
-                      out=str(out))
+                      out=str(out), **kw)
     session = session_for(spec)
     try:
         run = execute(spec, out, session=session)
@@ -40,3 +40,25 @@ def test_in_process_and_ray_on_the_gpu(tiny_dirs, shared_data, tmp_path):
     assert (local["lambda_block"], local["lambda_row"]) == (on_ray["lambda_block"], on_ray["lambda_row"])
     assert all(torch.equal(w_l[b][n], w_r[b][n]) for b in w_l for n in w_l[b])
     assert local["sparsity_actual"] == pytest.approx(0.6, abs=0.04)
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_offloaded_blocks_move_host_to_gpu_and_give_the_resident_result(executor, tiny_dirs, shared_data, tmp_path):
+    """Offloaded on a GPU: blocks parked in pinned host memory move to the device once per pass and
+    back, and the λs and masks are those of the resident GPU run."""
+    import ray
+
+    if executor == "ray":
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        ref, _, w_ref = _run(tiny_dirs, shared_data, tmp_path / "resident", executor)
+        off, rep, w_off = _run(tiny_dirs, shared_data, tmp_path / "offloaded", executor, offload="cpu")
+    finally:
+        if executor == "ray":
+            ray.shutdown()
+    assert rep["device"].startswith("cuda") and rep["peak_device_bytes"] > 0
+    moves = rep["offload"]["moves"]
+    assert rep["offload"]["mode"] == "cpu" and set(moves["prune"].values()) == {1}
+    assert set(moves["score"].values()) == {4} and set(moves["forward"].values()) == {1}
+    assert (off["lambda_block"], off["lambda_row"]) == (ref["lambda_block"], ref["lambda_row"])
+    assert all(torch.equal(w_off[b][n], w_ref[b][n]) for b in w_ref for n in w_ref[b])

@@ -83,31 +83,30 @@ def perplexity_section(args) -> tuple[list, dict]:
     from orchestrator.run import session_for
     from orchestrator.spec import build_spec
 
-    sessions = {}
-    for label, kw in (("neuroal ray x1 (CLI default)", {}), ("neuroal in-process", {"executor": "local"}),
-                      ("neuroal ray x2", {"shards": 2})):
-        sessions[label] = session_for(build_spec(model=MODEL, seqlen=args.seqlen, data_dir=str(DATA_DIR), **kw))
-    try:
-        folder = resolve_model(MODEL)
-        config = load_config(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        tok = next(iter(sessions.values())).tokenizer
-        ids, _ = perplexity_tokens("wikitext2", tok, args.seqlen, DATA_DIR)
-        wins = perplexity_windows(ids, args.seqlen)[: args.windows]
-        for s in sessions:  # warm-up: tokenizer cache, block kwargs, Ray workers, allocator
-            neuroal_ppl(sessions, s, 2, args.seqlen)
-        hf_loop_ppl(model, wins[:2])
-        times = {k: [] for k in [*sessions, "HF loop, batch 1"]}
-        ppl = {}
-        for _ in range(args.repeats):
-            for s in sessions:
-                dt, ppl[s] = neuroal_ppl(sessions, s, args.windows, args.seqlen)
-                times[s].append(dt / args.windows)
-            dt, ppl["HF loop, batch 1"] = hf_loop_ppl(model, wins)
-            times["HF loop, batch 1"].append(dt / args.windows)
-    finally:
-        for s in sessions.values():
-            s.close()
+    paths = {"neuroal ray x1 (CLI default)": {}, "neuroal in-process": {"executor": "local"},
+             "neuroal ray x2": {"shards": 2}}
+    folder = resolve_model(MODEL)
+    config = load_config(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    times = {k: [] for k in [*paths, "HF loop, batch 1"]}
+    ppl = {}
+    wins = None
+    for _ in range(args.repeats):  # paths interleaved; one session open at a time (each holds the CPUs)
+        for label, kw in paths.items():
+            session = session_for(build_spec(model=MODEL, seqlen=args.seqlen, data_dir=str(DATA_DIR), **kw))
+            try:
+                sessions = {label: session}
+                neuroal_ppl(sessions, label, 2, args.seqlen)  # warm-up: tokens, block kwargs, workers
+                dt, ppl[label] = neuroal_ppl(sessions, label, args.windows, args.seqlen)
+                times[label].append(dt / args.windows)
+                if wins is None:
+                    ids, _ = perplexity_tokens("wikitext2", session.tokenizer, args.seqlen, DATA_DIR)
+                    wins = perplexity_windows(ids, args.seqlen)[: args.windows]
+                    hf_loop_ppl(model, wins[:2])
+            finally:
+                session.close()
+        dt, ppl["HF loop, batch 1"] = hf_loop_ppl(model, wins)
+        times["HF loop, batch 1"].append(dt / args.windows)
     rate = gemm_rate()
     floor = window_flops(config, args.seqlen) / (rate * 1e9)
     loop = median(times["HF loop, batch 1"])

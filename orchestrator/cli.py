@@ -338,6 +338,8 @@ def plan(
     _setup_logging(False)
     import json
 
+    from neuroal.allocation.neuroal import steps
+    from neuroal.families import family_for
     from neuroal.methods import METHODS
     from orchestrator.planning import load_plan_config, parse_bytes, plan_shards, render_plan
     from orchestrator.planning.cost import method_line, projected_passes
@@ -370,7 +372,7 @@ def plan(
             passes = projected_passes(measure_model(cfg), dtype_bytes=DTYPE_BYTES[canonical_dtype(dtype)],
                                       seqlen=seqlen, search_windows=op.plan.stream_windows, nsamples=nsamples,
                                       mode=mode, tflops=tflops, h2d_gbps=h2d_gbps, disk_gbps=disk_gbps,
-                                      row_step=METHODS.get(method).solver is None)
+                                      row_step=steps("both", METHODS.get(method), family_for(cfg)).row)
             how = method_line(tflops=tflops, h2d_gbps=h2d_gbps, disk_gbps=disk_gbps, mode=mode)
             for table in render_offloaded(op, passes, method, how):
                 Console().print(table)

@@ -105,3 +105,19 @@ def test_projected_passes_by_hand():
     disk = projected_passes(layout, dtype_bytes=2, seqlen=16, search_windows=8, nsamples=128, mode="disk",
                             h2d_gbps=25.0, disk_gbps=0.5, row_step=False)
     assert len(disk) == 3 and disk[-1].move_s == pytest.approx(4 * params * 2 / 0.5e9)
+
+
+def test_projection_runs_the_steps_the_run_runs(tmp_path):
+    """The projected passes follow `neuroal.allocation.neuroal.steps`: a mixture of experts has no row step."""
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json_string())
+    out = tmp_path / "plan.json"
+    res = CliRunner().invoke(app, ["plan", "--model", str(path), "--offload", "cpu", "--seqlen", "16",
+                                   "--json", str(out)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    names = [p["name"] for p in json.loads(out.read_text())["projected_passes"]]
+    assert names == ["search: block step", "search: tie check", "final pass"]

@@ -27,6 +27,7 @@ from neuroal.block_forward import apply_head, capture_block_inputs
 from neuroal.devices import dtype_name, resolve_device, resolve_dtype
 from neuroal.evaluation import nll_sum
 from neuroal.families import family_for, get_blocks
+from neuroal.host_memory import keep_freed_host_memory
 from neuroal.models import (
     build_skeleton,
     load_config,
@@ -76,6 +77,8 @@ class Shard:
         self.spec = spec
         self.device = resolve_device(device, gpu_given=gpu_given)
         self.dtype = resolve_dtype(dtype, self.device)
+        if self.device.type == "cpu":  # a CPU pass re-allocates the same large buffers every batch
+            keep_freed_host_memory()
         self.config = load_config(self.model_dir)
         self.family = family_for(self.config)
         self.model = build_skeleton(self.config)

@@ -174,3 +174,14 @@ def test_offloaded_ray_shards_equal_the_in_process_run_and_run_json_counts_moves
         assert shard["moves"]["prune"] == {str(b): 1 for b in own}
         assert shard["moves"]["forward"] == {str(b): 1 for b in own}
     assert blocks == list(range(len(ref_weights)))
+
+
+def test_a_cpu_shard_actor_keeps_freed_host_memory(ray_local, tiny_dirs, shared_data, tmp_path):
+    """The CPU shard actor raised glibc's malloc thresholds (neuroal.host_memory) when it loaded."""
+    session = session_for(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path, executor="ray", shards=1))
+    try:
+        kept = ray.get(session.chain.actors[0].__ray_call__.remote(
+            lambda _self: __import__("neuroal.host_memory", fromlist=["_kept"])._kept))
+    finally:
+        session.close()
+    assert kept is True

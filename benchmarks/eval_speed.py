@@ -5,7 +5,10 @@ the sparsity of a pruned checkpoint does not change dense-kernel time):
 - `neuroal ray x1`: the CLI's default path (local Ray, one shard actor), `orchestrator.evaluate.perplexity`;
 - `neuroal in-process`: the same code with `--executor local`;
 - `neuroal ray x2`: two shard actors, batches pipelined through them;
-- `HF loop`: `model(x, labels=x)` one window at a time, the naive baseline;
+- `neuroal ray x1, glibc malloc defaults`: the CLI default with `NEUROAL_KEEP_FREED_MEMORY=0`, i.e. as
+  it was before CPU shards kept freed host memory (`neuroal.host_memory`);
+- `HF loop`: `model(x, labels=x)` one window at a time, the naive baseline, in a fresh process (so with
+  glibc's malloc defaults, as a user's script runs; the in-process path changes this process's);
 - `floor`: the window's FLOPs at this CPU's measured fp32 GEMM rate (a lower bound, not a run).
 
 Zero-shot (arc_easy and hellaswag, first `--limit` documents each): stock lm-eval `HFLM` at its default
@@ -24,7 +27,7 @@ import math
 import time
 from pathlib import Path
 
-from _common import DATA_DIR, ROOT, machine, median, print_table, write_json
+from _common import DATA_DIR, ROOT, in_child, machine, median, print_table, write_json
 
 MODEL = "smollm2-135m"
 
@@ -62,38 +65,46 @@ def neuroal_ppl(sessions: dict, name: str, windows: int, seqlen: int) -> tuple[f
     return time.perf_counter() - t, value
 
 
-def hf_loop_ppl(model, windows_ids) -> tuple[float, float]:
-    """The papers' loop: mean loss per window (seqlen−1 predictions), weighted by seqlen."""
-    import torch
-
-    t = time.perf_counter()
-    total = 0.0
-    with torch.inference_mode():
-        for w in windows_ids:
-            total += model(w[None], labels=w[None]).loss.item() * w.numel()
-    return time.perf_counter() - t, math.exp(total / windows_ids.numel())
-
-
-def perplexity_section(args) -> tuple[list, dict]:
+def hf_loop_ppl(windows_ids) -> dict:
+    """The papers' loop: mean loss per window (seqlen−1 predictions), weighted by seqlen (run in a child)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from neuroal.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        for w in windows_ids[:2]:  # warm-up
+            model(w[None], labels=w[None])
+        t = time.perf_counter()
+        total = 0.0
+        for w in windows_ids:
+            total += model(w[None], labels=w[None]).loss.item() * w.numel()
+    return {"seconds": time.perf_counter() - t, "perplexity": math.exp(total / windows_ids.numel())}
+
+
+def perplexity_section(args) -> tuple[list, dict]:
+    import os
+
     from neuroal.data import perplexity_tokens, perplexity_windows
+    from neuroal.host_memory import ENV as KEEP_ENV
     from neuroal.models import load_config, resolve_model
     from orchestrator.run import session_for
     from orchestrator.spec import build_spec
 
-    paths = {"neuroal ray x1 (CLI default)": {}, "neuroal in-process": {"executor": "local"},
+    glibc_defaults = "neuroal ray x1, glibc malloc defaults (before)"
+    paths = {"neuroal ray x1 (CLI default)": {}, glibc_defaults: {}, "neuroal in-process": {"executor": "local"},
              "neuroal ray x2": {"shards": 2}}
-    folder = resolve_model(MODEL)
-    config = load_config(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    config = load_config(resolve_model(MODEL))
     times = {k: [] for k in [*paths, "HF loop, batch 1"]}
     ppl = {}
     wins = None
     for _ in range(args.repeats):  # paths interleaved; one session open at a time (each holds the CPUs)
         for label, kw in paths.items():
+            if label == glibc_defaults:  # read by the actor's process, which the session's Ray starts
+                os.environ[KEEP_ENV] = "0"
             session = session_for(build_spec(model=MODEL, seqlen=args.seqlen, data_dir=str(DATA_DIR), **kw))
+            os.environ.pop(KEEP_ENV, None)
             try:
                 sessions = {label: session}
                 neuroal_ppl(sessions, label, 2, args.seqlen)  # warm-up: tokens, block kwargs, workers
@@ -102,11 +113,11 @@ def perplexity_section(args) -> tuple[list, dict]:
                 if wins is None:
                     ids, _ = perplexity_tokens("wikitext2", session.tokenizer, args.seqlen, DATA_DIR)
                     wins = perplexity_windows(ids, args.seqlen)[: args.windows]
-                    hf_loop_ppl(model, wins[:2])
             finally:
                 session.close()
-        dt, ppl["HF loop, batch 1"] = hf_loop_ppl(model, wins)
-        times["HF loop, batch 1"].append(dt / args.windows)
+        loop = in_child(hf_loop_ppl, wins)
+        ppl["HF loop, batch 1"] = loop["perplexity"]
+        times["HF loop, batch 1"].append(loop["seconds"] / args.windows)
     rate = gemm_rate()
     floor = window_flops(config, args.seqlen) / (rate * 1e9)
     loop = median(times["HF loop, batch 1"])

@@ -4,10 +4,10 @@ glibc serves an allocation above its mmap threshold (128 KiB, raised on the fly 
 with a fresh mmap, unmaps it on free, and trims the heap's top beyond its trim threshold. A CPU
 forward pass frees and re-allocates the same large buffers every batch (each block's activations,
 the head's [positions, vocab] logits), so every batch page-faults its working set in again, and a
-page fault costs more in a Ray worker than in a plain process (measured: 1 GB of fresh pages in
-80 ms in a shard actor, 22 ms in the driver). Raising both thresholds keeps freed memory for reuse,
+page fault costs more in a Ray worker than in a plain process (measured: 100 MB of fresh pages
+filled in 80 ms in a shard actor, 22 ms in the driver). Raising both thresholds keeps freed memory for reuse,
 as the jemalloc/tcmalloc settings recommended for PyTorch CPU inference do: perplexity through one
-Ray shard actor went from 0.40 to 0.32 s/window (benchmarks/eval_speed.py). The cost is that the
+Ray shard actor went from 0.42 to 0.35 s/window (benchmarks/eval_speed.py, one sitting). The cost is that the
 process keeps its peak heap instead of returning it between batches; `NEUROAL_KEEP_FREED_MEMORY=0`
 keeps glibc's defaults (it must be set before the shard processes start).
 """

@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's malloc only")
+
 _PROBE = """
 import resource, sys
 import torch
@@ -28,7 +31,6 @@ def _faults(mode: str, **env) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
-@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_a_freed_buffer_is_reused_not_refaulted():
     # glibc's defaults: each 100 MB buffer is a fresh mmap, 24,414 pages faulted in every time;
     # with the thresholds raised the freed heap chunks are reused: no page faults at all

@@ -4,7 +4,10 @@ Perplexity (the first `--windows` WikiText-2 windows of `--seqlen` tokens, dense
 the sparsity of a pruned checkpoint does not change dense-kernel time):
 - `neuroal ray x1`: the CLI's default path (local Ray, one shard actor), `orchestrator.evaluate.perplexity`;
 - `neuroal in-process`: the same code with `--executor local`;
-- `neuroal ray x2`: two shard actors, batches pipelined through them;
+- `neuroal ray x2, eval session`: two shard actors, batches pipelined through them, split as `neuroal eval
+  --shards 2` splits (the last shard's pace counts the 49k-word head: 19 + 11 blocks);
+- `neuroal ray x2, prune session`: the same, split as a pruning session (`neuroal prune --shards 2 --eval`)
+  splits, by decoder blocks alone (15 + 15), as every session did before;
 - `neuroal ray x1, glibc malloc defaults`: the CLI default with `NEUROAL_KEEP_FREED_MEMORY=0`, i.e. as
   it was before CPU shards kept freed host memory (`neuroal.host_memory`);
 - `HF loop`: `model(x, labels=x)` one window at a time, the naive baseline, in a fresh process (so with
@@ -23,6 +26,7 @@ Every timed path runs `--repeats` times, interleaved; medians are quoted, ratios
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -89,23 +93,30 @@ def perplexity_section(args) -> tuple[list, dict]:
     from neuroal.data import perplexity_tokens, perplexity_windows
     from neuroal.host_memory import ENV as KEEP_ENV
     from neuroal.models import load_config, resolve_model
+    from orchestrator.eval_run import open_evaluation_session
     from orchestrator.run import session_for
     from orchestrator.spec import build_spec
 
     glibc_defaults = "neuroal ray x1, glibc malloc defaults (before)"
+    eval_x2 = "neuroal ray x2, eval session (19 + 11)"
     paths = {"neuroal ray x1 (CLI default)": {}, glibc_defaults: {}, "neuroal in-process": {"executor": "local"},
-             "neuroal ray x2": {"shards": 2}}
+             eval_x2: {"shards": 2}, "neuroal ray x2, prune session (15 + 15)": {"shards": 2}}
     config = load_config(resolve_model(MODEL))
     times = {k: [] for k in [*paths, "HF loop, batch 1"]}
-    ppl = {}
+    ppl, splits = {}, {}
     wins = None
     for _ in range(args.repeats):  # paths interleaved; one session open at a time (each holds the CPUs)
         for label, kw in paths.items():
             if label == glibc_defaults:  # read by the actor's process, which the session's Ray starts
                 os.environ[KEEP_ENV] = "0"
-            session = session_for(build_spec(model=MODEL, seqlen=args.seqlen, data_dir=str(DATA_DIR), **kw))
+            if label == eval_x2:
+                session = open_evaluation_session(MODEL, executor="ray", shards=2, dtype="auto", device="auto",
+                                                  address=None, seqlen=args.seqlen)
+            else:
+                session = session_for(build_spec(model=MODEL, seqlen=args.seqlen, data_dir=str(DATA_DIR), **kw))
             os.environ.pop(KEEP_ENV, None)
             try:
+                splits[label] = [len(s.blocks) for s in session.shard_specs]
                 sessions = {label: session}
                 neuroal_ppl(sessions, label, 2, args.seqlen)  # warm-up: tokens, block kwargs, workers
                 dt, ppl[label] = neuroal_ppl(sessions, label, args.windows, args.seqlen)
@@ -123,7 +134,7 @@ def perplexity_section(args) -> tuple[list, dict]:
     loop = median(times["HF loop, batch 1"])
     rows = [[k, median(v), 1 / median(v), loop / median(v), median(v) / floor, f"{ppl[k]:.4f}"] for k, v in times.items()]
     rows.append(["floor (FLOPs at measured GEMM rate)", floor, 1 / floor, loop / floor, 1.0, ""])
-    out = {"seconds_per_window": times, "perplexity": ppl, "gemm_gflops": rate,
+    out = {"seconds_per_window": times, "perplexity": ppl, "blocks_per_shard": splits, "gemm_gflops": rate,
            "window_gflop": window_flops(config, args.seqlen) / 1e9, "floor_s_per_window": floor}
     return rows, out
 
@@ -168,16 +179,21 @@ def main():
     ap.add_argument("--skip", choices=["perplexity", "zeroshot"], default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_speed.json"))
     args = ap.parse_args()
-    payload = {"config": vars(args), "machine": machine()}
+    out = Path(args.out)
+    # a skipped section keeps its last results (each section records its own config and machine)
+    payload = json.loads(out.read_text()) if args.skip and out.exists() else {}
+    payload.update(config=vars(args), machine=machine())
     if args.skip != "perplexity":
         rows, payload["perplexity"] = perplexity_section(args)
+        payload["perplexity_config"], payload["perplexity_machine"] = vars(args), machine()
         print_table(f"Perplexity, SmolLM2, WikiText-2, {args.windows} x {args.seqlen} (medians of {args.repeats})",
                     ["path", "s / window", "windows / s", "x HF loop", "x floor", "ppl"], rows)
     if args.skip != "zeroshot":
         rows, payload["zeroshot"] = zeroshot_section(args)
+        payload["zeroshot_config"], payload["zeroshot_machine"] = vars(args), machine()
         print_table(f"Zero-shot, SmolLM2, arc_easy + hellaswag, limit {args.limit} (medians of {args.repeats})",
                     ["path", "s", "docs / s", "x stock default", "same accuracies"], rows)
-    write_json(Path(args.out), payload)
+    write_json(out, payload)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ from orchestrator.spec import GRID_VERSION, dense_key
 logger = logging.getLogger(__name__)
 
 
-def _session(location: str, *, executor: str, shards: int, dtype: str, device: str, address: str | None,
+def open_evaluation_session(location: str, *, executor: str, shards: int, dtype: str, device: str, address: str | None,
              seqlen: int):
+    """The model as a chain of shards for evaluation only: every pass ends in the lm head, so the
+    shard plan counts the head in the last shard's pace (`plan_shards(head_runs=True)`)."""
     return open_session(location, executor=executor, shards=shards, dtype=dtype, device=device, address=address,
-                        seqlen=seqlen)
+                        seqlen=seqlen, head_runs=True)
 
 
 def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None,
@@ -39,7 +41,7 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
         return run, False
     logger.info("%s: computing %s (the pruned checkpoint is kept)", location, ", ".join(ppl + zs))
     timings: dict[str, float] = {}
-    session = _session(location, executor=executor, shards=shards, dtype=dtype, device=device, address=address,
+    session = open_evaluation_session(location, executor=executor, shards=shards, dtype=dtype, device=device, address=address,
                        seqlen=seqlen)
     try:
         new = evaluate.evaluate(session, location, perplexity_sets=ppl, seqlen=seqlen, windows=windows,
@@ -72,7 +74,7 @@ def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, window
              "host": platform.node(), "out": None}
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    session = _session(model, seqlen=seqlen, **session_kw)
+    session = open_evaluation_session(model, seqlen=seqlen, **session_kw)
     try:
         new = evaluate.evaluate(session, model, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
                                 zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=resolve_data_dir(data_dir),

@@ -30,8 +30,11 @@ def n_blocks_of(config) -> int:
 
 
 def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, method: str, stream_windows: int,
-                   seqlen: int, nsamples: int = 1, offload: str = "none") -> tuple[list[ShardSpec], str, str]:
+                   seqlen: int, nsamples: int = 1, offload: str = "none",
+                   head_runs: bool = False) -> tuple[list[ShardSpec], str, str]:
     """Contiguous shards balanced by parameter bytes (orchestrator.planning), checked against --gpu-mem.
+
+    `head_runs`: the session only evaluates, so the last shard's pace counts the lm head's bytes.
 
     With `offload="auto"`, shards whose blocks do not fit --gpu-mem are offloaded to host memory
     (and that is said); "cpu"/"disk" offload in any case; "none" refuses a plan that does not fit.
@@ -45,7 +48,8 @@ def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, meth
 
     def plan(mem):
         return plan_shards(config, n_actors=shards, mem_per_actor=mem, dtype=dtype, method=method,
-                           stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples).shard_specs()
+                           stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples,
+                           head_runs=head_runs).shard_specs()
 
     if offload in ("cpu", "disk"):
         return plan(2**60), offload, f"--offload {offload}"
@@ -128,12 +132,15 @@ def open_session(
     nsamples: int = 1,
     shard_specs: list[ShardSpec] | None = None,
     resume_dir: Path | None = None,
+    head_runs: bool = False,
 ) -> Session:
     """Open the model as a chain of shards (in-process or Ray actors).
 
     Args:
         method, stream_windows, seqlen, nsamples: what the shard plan's activation estimate assumes
             (nsamples: the final pass's windows; 1 for a session that only evaluates).
+        head_runs: the session only evaluates: every pass runs the lm head, so the shard plan gives
+            the last shard fewer blocks (`plan_shards`).
         resume_dir: where shards checkpoint their pruned blocks; a restarted actor or a rerun
             restores them instead of pruning again.
     """
@@ -149,7 +156,7 @@ def open_session(
         return _open(model, model_dir, config, family, executor=executor, shards=shards, dtype=dtype, device=device,
                      address=address, gpu_mem=gpu_mem, offload=offload, method=method, stream_windows=stream_windows,
                      seqlen=seqlen, nsamples=nsamples, shard_specs=shard_specs, resume_dir=resume_dir,
-                     started_ray=started_ray)
+                     started_ray=started_ray, head_runs=head_runs)
     except BaseException:
         if started_ray:
             import ray
@@ -170,12 +177,12 @@ def compute_kind(device: str, executor: str) -> str:
 
 
 def _open(model, model_dir, config, family, *, executor, shards, dtype, device, address, gpu_mem, offload, method,
-          stream_windows, seqlen, nsamples, shard_specs, resume_dir, started_ray) -> Session:
+          stream_windows, seqlen, nsamples, shard_specs, resume_dir, started_ray, head_runs=False) -> Session:
     kind = compute_kind(device, executor)
     plan_dtype = dtype_name(resolve_dtype(dtype, torch.device(kind)))
     planned, mode, why = planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=plan_dtype, method=method,
                                         stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples,
-                                        offload=offload)
+                                        offload=offload, head_runs=head_runs)
     shard_specs = shard_specs or planned
     budget = parse_bytes(gpu_mem) if gpu_mem else None
     place = dict(offload=mode, budget=budget)

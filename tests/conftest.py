@@ -62,16 +62,16 @@ TINY = {
 }
 
 
-def tiny_config(name: str):
-    kw = dict(TINY[name])
+def tiny_config(name: str, **overrides):
+    kw = dict(TINY[name], **overrides)
     model_type = kw.pop("model_type", name)
     return AutoConfig.for_model(model_type, **kw)
 
 
-def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None) -> Path:
+def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None, **overrides) -> Path:
     """A random model of one family in Hugging Face layout (safetensors + tokenizer), deterministic."""
     torch.manual_seed(seed)
-    cfg = tiny_config(name)
+    cfg = tiny_config(name, **overrides)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # random init is small; widen weights so pruning choices are not ties
         for pname, p in model.named_parameters():

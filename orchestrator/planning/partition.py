@@ -57,10 +57,12 @@ class _Shards:
     are plain lookups.
     """
 
-    def __init__(self, layout: ModelLayout, e: int, acts: list[ActivationEstimate], logits: int):
+    def __init__(self, layout: ModelLayout, e: int, acts: list[ActivationEstimate], logits: int,
+                 head_runs: bool = False):
         n = self.n = layout.n_blocks
         self.pre = layout.pre_params * e
         self.post = layout.post_params * e
+        self.head_runs = head_runs
         self.tied = layout.tied_params * e
         self.prefix = [0]
         for b in layout.blocks:
@@ -80,6 +82,18 @@ class _Shards:
 
     def blocks(self, i: int, j: int) -> int:
         return self.prefix[j] - self.prefix[i]
+
+    def pace(self, i: int, j: int) -> int:
+        """Bytes a stream's compute through shard [i, j) is proportional to (FLOPs ≈ 2·params·tokens).
+
+        The decoder blocks, plus the final norm and head on the last shard when the passes run the
+        head on every token (evaluation: for SmolLM2 the tied 49k-word head weighs as much as 8 of
+        its 30 blocks). The search and the final pass stop at the last block.
+        """
+        total = self.blocks(i, j)
+        if self.head_runs and j == self.n:
+            total += self.post
+        return total
 
     def params(self, i: int, j: int) -> int:
         total = self.blocks(i, j)
@@ -142,22 +156,22 @@ def _partition(sh: _Shards, k: int, value, *, additive: bool = False, allowed=No
 def _balanced(sh: _Shards, k: int, budget: int):
     """Split into k shards that fit `budget`, balanced; None if none fits.
 
-    Three exact passes: (1) minimise the largest shard's block bytes, which sets the pipeline's
-    pace (compute per stream is proportional to them); (2) at that, minimise the largest total
-    (weights + embeddings/head + activations), so the first and last shards give up blocks for
-    what they carry; (3) at both, the most even block bytes (least sum of squares).
+    Three exact passes: (1) minimise the largest shard's pace (`_Shards.pace`: its block bytes,
+    plus the head's when the passes run it), which sets the pipeline's pace; (2) at that, minimise
+    the largest total (weights + embeddings/head + activations), so the first and last shards give
+    up blocks for what they carry; (3) at both, the most even paces (least sum of squares).
     """
     fits = lambda i, j: sh.total[i][j] <= budget  # noqa: E731
-    c1, spans = _partition(sh, k, sh.blocks, allowed=fits)
+    c1, spans = _partition(sh, k, sh.pace, allowed=fits)
     if spans is None:
         return None
-    c2, _ = _partition(sh, k, lambda i, j: sh.total[i][j], allowed=lambda i, j: fits(i, j) and sh.blocks(i, j) <= c1)
+    c2, _ = _partition(sh, k, lambda i, j: sh.total[i][j], allowed=lambda i, j: fits(i, j) and sh.pace(i, j) <= c1)
     _, spans = _partition(
         sh,
         k,
-        lambda i, j: sh.blocks(i, j) ** 2,
+        lambda i, j: sh.pace(i, j) ** 2,
         additive=True,
-        allowed=lambda i, j: sh.total[i][j] <= c2 and sh.blocks(i, j) <= c1,
+        allowed=lambda i, j: sh.total[i][j] <= c2 and sh.pace(i, j) <= c1,
     )
     return spans
 
@@ -174,6 +188,7 @@ def plan_shards(
     method: str = "wanda",
     headroom: float = 0.1,
     nsamples: int = 128,
+    head_runs: bool = False,
 ) -> Plan:
     """Split the decoder blocks into contiguous shards under a per-actor memory budget.
 
@@ -181,8 +196,9 @@ def plan_shards(
     (see `estimate_activation` for the activation formula and its margin). Embeddings go with the
     first shard, the final norm and head with the last (a tied head duplicates the embedding matrix
     there, unless a single shard holds both). Among the splits that fit, the plan minimises the
-    largest shard's decoder-block bytes (the pipeline's pace), then the largest shard's total
-    bytes, then evens out the rest (`_balanced`); all three are exact linear-partition DPs.
+    largest shard's decoder-block bytes (the pipeline's pace; with `head_runs`, the last shard's
+    head counts too), then the largest shard's total bytes, then evens out the rest (`_balanced`);
+    all three are exact linear-partition DPs.
 
     Args:
         config: a transformers config (never weights).
@@ -195,6 +211,9 @@ def plan_shards(
         seqlen: tokens per window.
         method: base pruning method; SparseGPT/APT add the per-linear Hessians.
         headroom: fraction of `mem_per_actor` left unplanned, in [0, 1).
+        head_runs: the passes run the lm head on every token (a session that only evaluates), so
+            the last shard's pace includes the head and it takes fewer blocks. A pruning session
+            (search and final pass stop at the last block) balances the blocks alone.
 
     Returns:
         The plan.
@@ -236,7 +255,7 @@ def plan_shards(
         )
         for b in layout.blocks
     ]
-    sh = _Shards(layout, e, acts, logits_bytes(seqlen, layout.vocab_size, e))
+    sh = _Shards(layout, e, acts, logits_bytes(seqlen, layout.vocab_size, e), head_runs=head_runs)
     budget = int(mem_per_actor * (1.0 - headroom))
 
     def need(total: float) -> str:
@@ -290,6 +309,7 @@ def plan_shards(
         method=method,
         block_param_bytes=tuple(b.params * e for b in layout.blocks),
         nsamples=nsamples,
+        head_runs=head_runs,
     )
     logger.info(
         "plan: %s, %d blocks in %d shards, largest %s of %s budget",

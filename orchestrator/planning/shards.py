@@ -128,6 +128,7 @@ class Plan:
         streams_in_flight, stream_windows, seqlen, method, nsamples: what the activation estimate
             assumes (nsamples: the final pass's windows, one stream).
         block_param_bytes: bytes of each decoder block, in order.
+        head_runs: the shards were balanced for passes that run the lm head (evaluation).
     """
 
     shards: tuple[ShardPlan, ...]
@@ -145,6 +146,7 @@ class Plan:
     method: str
     block_param_bytes: tuple[int, ...] = field(repr=False, default=())
     nsamples: int = 128
+    head_runs: bool = False
 
     @property
     def n_actors(self) -> int:
@@ -181,6 +183,7 @@ class Plan:
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
             "method": self.method,
+            "head_runs": self.head_runs,
             "block_param_bytes": list(self.block_param_bytes),
             "shards": [s.to_dict() for s in self.shards],
         }

@@ -518,6 +518,28 @@ def test_tied_tiny_counts_once_per_shard():
     assert two.shards[1].param_bytes == (2 * TINY_BLOCK + TINY_HEAD) * 2  # the head's copy of the embedding
 
 
+def test_evaluation_plan_counts_the_head_in_the_pace():
+    # vocab 417: final norm + lm head = 32 + 417·32 = 13,376 = exactly two tiny blocks
+    cfg = tiny_llama(vocab_size=417)
+    assert 32 + 417 * 32 == 2 * TINY_BLOCK
+    prune = plan_shards(cfg, n_actors=2, mem_per_actor=parse_bytes("1GB"), seqlen=16)
+    evaluate = plan_shards(cfg, n_actors=2, mem_per_actor=parse_bytes("1GB"), seqlen=16, head_runs=True)
+    for plan in (prune, evaluate):
+        check_invariants(plan)
+    # blocks alone: 2 + 2; with the head (worth 2 blocks) 2 + 2 would pace at 4 blocks, 3 + 1 at 3
+    assert [s.n_blocks for s in prune.shards] == [2, 2] and not prune.head_runs
+    assert [s.n_blocks for s in evaluate.shards] == [3, 1] and evaluate.to_dict()["head_runs"]
+
+
+def test_smollm2_evaluation_split(configs):
+    # a block is 3,540,096 parameters; the tied head + norm 49,152·576 + 576 = 7.998 blocks:
+    # 19 + (11 + 8.0) paces at 19 blocks, 18 + (12 + 8.0) at 20.0, 20 + (10 + 8.0) at 20
+    plan = plan_shards(configs["smollm2-135m"], n_actors=2, mem_per_actor=parse_bytes("24GB"), nsamples=1,
+                       head_runs=True)
+    check_invariants(plan)
+    assert [s.n_blocks for s in plan.shards] == [19, 11]
+
+
 def test_activation_terms_by_hand():
     K, W, S, d, e = 3, 4, 16, 32, 2
     plan = plan_shards(

@@ -185,3 +185,27 @@ def test_a_cpu_shard_actor_keeps_freed_host_memory(ray_local, tiny_dirs, shared_
     finally:
         session.close()
     assert kept is True
+
+
+def test_evaluation_shards_balance_the_head_and_equal_one_shard(ray_local, smollm2_tokenizer, shared_data, tmp_path,
+                                                                monkeypatch):
+    """`neuroal eval --shards 2`: the last shard, which runs the 49k-word head, gets fewer blocks
+    than a pruning session's split gives it, and the perplexity is the in-process one's."""
+    from conftest import make_tiny_checkpoint
+
+    import orchestrator.eval_run as eval_run
+    from orchestrator.eval_run import evaluate_model
+    from orchestrator.session import open_session, planned_shards
+
+    model = make_tiny_checkpoint("llama_gqa", tmp_path / "six", tokenizer=smollm2_tokenizer, num_hidden_layers=6)
+    opened = []
+    monkeypatch.setattr(eval_run, "open_session", lambda *a, **kw: opened.append(open_session(*a, **kw)) or opened[-1])
+    kw = dict(perplexity_sets=["wikitext2"], seqlen=32, windows=6, data_dir=str(shared_data), dtype="auto", device="auto",
+              address=None)
+    ray_run = evaluate_model(str(model), executor="ray", shards=2, **kw)
+    local_run = evaluate_model(str(model), executor="local", shards=1, **kw)
+    prune_split, _, _ = planned_shards(opened[0].config, shards=2, gpu_mem=None, dtype="float32", method="wanda",
+                                       stream_windows=8, seqlen=32)
+    assert [len(s.blocks) for s in prune_split] == [3, 3]
+    assert [len(s.blocks) for s in opened[0].shard_specs] == [5, 1]  # the head weighs ~235 tiny blocks
+    assert ray_run["perplexity"]["wikitext2"] == pytest.approx(local_run["perplexity"]["wikitext2"], rel=1e-6)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from neuroal.errors import SpecError
 from orchestrator.planning.layout import measure_model
 from orchestrator.planning.memory import estimate_activation
-from orchestrator.planning.partition import _needs_hessian, _default_micro_tokens, plan_shards
+from orchestrator.planning.partition import default_micro_tokens, needs_hessian, plan_shards
 from orchestrator.planning.shards import Plan
 from orchestrator.planning.sizes import DTYPE_BYTES, canonical_dtype, format_bytes, parse_bytes
 
@@ -87,7 +87,7 @@ def plan_offloaded(config, *, n_actors: int | None = None, mem_per_actor, mode: 
     plan = replace(plan, mem_per_actor=mem_per_actor)  # the ranges ignore the budget; the device need below does not
     layout = measure_model(config)
     e = DTYPE_BYTES[canonical_dtype(dtype)]
-    hessian, micro = _needs_hessian(method), _default_micro_tokens()
+    hessian, micro = needs_hessian(method), default_micro_tokens()
     budget = int(mem_per_actor * (1.0 - headroom))
     shards = []
     for s in plan.shards:

@@ -33,14 +33,15 @@ def _positive(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def _default_micro_tokens() -> int:
+def default_micro_tokens() -> int:
     """Tokens per block call on an accelerator (plans are for GPU actors)."""
     from neuroal.block import MAX_TOKENS
 
     return MAX_TOKENS["cuda"]
 
 
-def _needs_hessian(method: str) -> bool:
+def needs_hessian(method: str) -> bool:
+    """The method keeps a Hessian per linear (SparseGPT, APT): the plan adds their bytes."""
     from neuroal.methods import METHODS
     from neuroal.stats import HESSIAN
 
@@ -232,7 +233,7 @@ def plan_shards(
     _positive("--seqlen", seqlen)
     if isinstance(headroom, bool) or not (isinstance(headroom, (int, float)) and 0.0 <= headroom < 1.0):
         raise SpecError("--headroom", headroom, "a fraction in [0, 1)")
-    hessian = _needs_hessian(method)
+    hessian = needs_hessian(method)
     layout = measure_model(config)
     n = layout.n_blocks
     if n_actors is not None:
@@ -240,7 +241,7 @@ def plan_shards(
         if n_actors > n:
             raise SpecError("--gpus", n_actors, f"1..{n} (at most one actor per decoder block)")
 
-    micro_tokens = _default_micro_tokens()
+    micro_tokens = default_micro_tokens()
     acts = [
         estimate_activation(
             b,

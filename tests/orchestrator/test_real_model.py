@@ -137,7 +137,7 @@ def test_actor_memory_stays_within_the_plan(shards, shared_data, tmp_path):
     finally:
         ray.shutdown()
     with pytest.MonkeyPatch.context() as mp:  # the plan of a CPU run: CPU micro-batches
-        mp.setattr(partition, "_default_micro_tokens", lambda: MAX_TOKENS["cpu"])
+        mp.setattr(partition, "default_micro_tokens", lambda: MAX_TOKENS["cpu"])
         plan = plan_shards(load_config(resolve_model("smollm2-135m")), n_actors=shards, mem_per_actor=2**60,
                            dtype="float32", stream_windows=8, seqlen=seqlen, nsamples=nsamples)
     assert [(s.first_block, s.end_block) for s in plan.shards] == ranges  # the run used the planned split

@@ -323,6 +323,7 @@ def plan(
     streams: int = typer.Option(2, help="streams in flight per actor"),
     seqlen: int = typer.Option(2048),
     nsamples: int = typer.Option(128, help="calibration windows of the final pass (one stream of them all)"),
+    sparsity: float = typer.Option(0.5, help="target sparsity: the NeuroAL search's λ set, for the offloaded projection"),
     offload: str = typer.Option("auto", help="auto (when the blocks do not fit), none, cpu, disk"),
     tflops: float = typer.Option(ASSUMED_TFLOPS, help="sustained device TFLOP/s for the offloaded time projection"),
     h2d_gbps: float = typer.Option(ASSUMED_H2D_GBPS, help="host->device GB/s for the projection"),
@@ -350,6 +351,8 @@ def plan(
 
     if offload not in ("auto", "none", "cpu", "disk"):
         _fail(SpecError("--offload", offload, "auto, none, cpu, disk"))
+    if not 0.0 < sparsity < 1.0:
+        _fail(SpecError("--sparsity", sparsity, "a fraction strictly between 0 and 1"))
     try:
         cfg = load_plan_config(model)
         mem = parse_bytes(gpu_mem)
@@ -372,7 +375,8 @@ def plan(
             passes = projected_passes(measure_model(cfg), dtype_bytes=DTYPE_BYTES[canonical_dtype(dtype)],
                                       seqlen=seqlen, search_windows=op.plan.stream_windows, nsamples=nsamples,
                                       mode=mode, tflops=tflops, h2d_gbps=h2d_gbps, disk_gbps=disk_gbps,
-                                      row_step=steps("both", METHODS.get(method), family_for(cfg)).row)
+                                      row_step=steps("both", METHODS.get(method), family_for(cfg)).row,
+                                      sparsity=sparsity)
             how = method_line(tflops=tflops, h2d_gbps=h2d_gbps, disk_gbps=disk_gbps, mode=mode)
             for table in render_offloaded(op, passes, method, how):
                 Console().print(table)

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from neuroal.allocation.schedule import block_lambdas, row_lambdas
 from orchestrator.planning.layout import ModelLayout
 
 ASSUMED_TFLOPS = 150.0  # bf16 sustained on an A100-80GB for these shapes (~48% of its 312 TFLOP/s peak)
 ASSUMED_H2D_GBPS = 25.0  # pinned host memory over PCIe 4.0 x16
 ASSUMED_DISK_GBPS = 2.0  # a local NVMe SSD read
-# λ candidates per block-major pass of a NeuroAL search (block step 14, row step 15) and the
-# tie check's re-scoring of the two best after each step
-SEARCH_PASSES = (("search: block step", 14), ("search: tie check", 2), ("search: row step", 15), ("search: tie check", 2))
+
+def search_passes(sparsity: float) -> tuple[tuple[str, int], ...]:
+    """λ candidates per block-major pass of a NeuroAL search, from its λ sets (block step 14, 13 at
+    s ≥ 0.8; row step 15), and the tie check's re-scoring of the two best after each step."""
+    return (("search: block step", len(block_lambdas(sparsity))), ("search: tie check", 2),
+            ("search: row step", len(row_lambdas())), ("search: tie check", 2))
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ def block_forward_flops(params: int, hidden_size: int, seqlen: int) -> float:
 
 def projected_passes(layout: ModelLayout, *, dtype_bytes: int, seqlen: int, search_windows: int, nsamples: int,
                      mode: str, tflops: float = ASSUMED_TFLOPS, h2d_gbps: float = ASSUMED_H2D_GBPS,
-                     disk_gbps: float = ASSUMED_DISK_GBPS, row_step: bool = True) -> list[PassCost]:
+                     disk_gbps: float = ASSUMED_DISK_GBPS, row_step: bool = True,
+                     sparsity: float = 0.5) -> list[PassCost]:
     """Per pass of a prune (the NeuroAL search's steps, then the final pass): compute and move seconds.
 
     Each window costs two forwards per block (dense for statistics, then the pruned block), in the
@@ -50,7 +55,7 @@ def projected_passes(layout: ModelLayout, *, dtype_bytes: int, seqlen: int, sear
     rate = min(h2d_gbps, disk_gbps) if mode == "disk" else h2d_gbps
     flops_per_window = sum(block_forward_flops(b.params, layout.hidden_size, seqlen) for b in layout.blocks)
     move_s = sum(b.params for b in layout.blocks) * dtype_bytes / (rate * 1e9)
-    steps = SEARCH_PASSES if row_step else SEARCH_PASSES[:2]  # SparseGPT/APT: the block step only
+    steps = search_passes(sparsity) if row_step else search_passes(sparsity)[:2]  # SparseGPT/APT: block step only
     passes = [(name, n * search_windows) for name, n in steps]
     passes.append(("final pass", nsamples))
     return [PassCost(name, w, 2 * w * flops_per_window / (tflops * 1e12), move_s) for name, w in passes]

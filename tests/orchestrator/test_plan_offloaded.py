@@ -99,6 +99,9 @@ def test_projected_passes_by_hand():
     passes = projected_passes(layout, dtype_bytes=2, seqlen=16, search_windows=8, nsamples=128, mode="cpu",
                               h2d_gbps=1.0)
     assert [p.windows for p in passes] == [14 * 8, 2 * 8, 15 * 8, 2 * 8, 128]
+    high = projected_passes(layout, dtype_bytes=2, seqlen=16, search_windows=8, nsamples=128, mode="cpu",
+                            sparsity=0.8)  # λ = 0.25 leaves the block set at s >= 0.8, as in the run
+    assert [p.windows for p in high] == [13 * 8, 2 * 8, 15 * 8, 2 * 8, 128]
     final = passes[-1]
     assert final.compute_s == pytest.approx(2 * 128 * per_window / (ASSUMED_TFLOPS * 1e12))
     assert final.move_s == pytest.approx(4 * params * 2 / 1e9)

@@ -16,7 +16,9 @@ the sparsity of a pruned checkpoint does not change dense-kernel time):
 
 Zero-shot (arc_easy and hellaswag, first `--limit` documents each): stock lm-eval `HFLM` at its default
 batch size (1), stock `HFLM` at our batch size, and `PackedHFLM` (contexts scored once with all their
-continuations) at the default batch size; accuracies must be identical.
+continuations) at the default batch size, on a model loaded once; then what a user waits for,
+`neuroal eval --zeroshot` end to end (model load included): the CLI default (a Ray task on the local
+instance) and `--executor local`. Accuracies must be identical.
 
 Every timed path runs `--repeats` times, interleaved; medians are quoted, ratios are of medians.
 
@@ -163,6 +165,19 @@ def zeroshot_section(args) -> tuple[list, dict]:
             res = evaluate_zeroshot(model, tok, tasks, data_dir=DATA_DIR, limit=args.limit, **kw)
             times[k].append(time.perf_counter() - t)
             accs[k] = {f"{r.task}/{r.metric}": r.value for r in res}
+    from orchestrator.eval_run import evaluate_model
+
+    cli = {"neuroal eval --zeroshot, CLI default (Ray task, load included)": "ray",
+           "neuroal eval --zeroshot --executor local (load included)": "local"}
+    for k in cli:
+        times[k] = []
+    for _ in range(args.repeats):
+        for k, executor in cli.items():
+            t = time.perf_counter()
+            run = evaluate_model(MODEL, zeroshot_tasks=tasks, limit=args.limit, data_dir=str(DATA_DIR),
+                                 executor=executor)
+            times[k].append(time.perf_counter() - t)
+            accs[k] = {f"{r['task']}/{r['metric']}": r["value"] for r in run["zeroshot"]}
     docs = sum(min(args.limit, count_docs(t, DATA_DIR)) for t in tasks)
     base = median(times["stock HFLM, batch 1 (its default)"])
     ref = next(iter(accs.values()))

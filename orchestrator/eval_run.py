@@ -22,12 +22,32 @@ from orchestrator.spec import GRID_VERSION, dense_key
 logger = logging.getLogger(__name__)
 
 
-def open_evaluation_session(location: str, *, executor: str, shards: int, dtype: str, device: str, address: str | None,
-             seqlen: int):
+def open_evaluation_session(location: str, *, executor: str, shards: int, dtype: str, device: str,
+                            address: str | None, seqlen: int):
     """The model as a chain of shards for evaluation only: every pass ends in the lm head, so the
     shard plan counts the head in the last shard's pace (`plan_shards(head_runs=True)`)."""
     return open_session(location, executor=executor, shards=shards, dtype=dtype, device=device, address=address,
                         seqlen=seqlen, head_runs=True)
+
+
+def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_tasks, limit, data_dir,
+              timings: dict, executor: str, shards: int, dtype: str, device: str, address: str | None) -> dict:
+    """Perplexity through shards opened for it (zero-shot after, with their devices); zero-shot
+    alone opens no shards."""
+    if perplexity_sets:
+        session = open_evaluation_session(location, executor=executor, shards=shards, dtype=dtype, device=device,
+                                          address=address, seqlen=seqlen)
+        try:
+            return evaluate.evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
+                                     windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=data_dir,
+                                     timings=timings)
+        finally:
+            session.close()
+    t = time.perf_counter()
+    rows = evaluate.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
+                                            shards=shards, device=device, address=address)
+    timings["zeroshot"] = time.perf_counter() - t
+    return {"perplexity": {}, "eval_data": {}, "zeroshot": evaluate.keyed_zeroshot(rows, limit)}
 
 
 def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None,
@@ -41,13 +61,9 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
         return run, False
     logger.info("%s: computing %s (the pruned checkpoint is kept)", location, ", ".join(ppl + zs))
     timings: dict[str, float] = {}
-    session = open_evaluation_session(location, executor=executor, shards=shards, dtype=dtype, device=device, address=address,
-                       seqlen=seqlen)
-    try:
-        new = evaluate.evaluate(session, location, perplexity_sets=ppl, seqlen=seqlen, windows=windows,
-                                zeroshot_tasks=zs, limit=limit, data_dir=resolve_data_dir(data_dir), timings=timings)
-    finally:
-        session.close()
+    new = _evaluate(location, perplexity_sets=ppl, seqlen=seqlen, windows=windows, zeroshot_tasks=zs, limit=limit,
+                    data_dir=resolve_data_dir(data_dir), timings=timings, executor=executor, shards=shards,
+                    dtype=dtype, device=device, address=address)
     merged = evaluate.merge(run, new)
     merged["timings_s"] = {**run.get("timings_s", {}), **{f"re{k}": round(v, 3) for k, v in timings.items()}}
     fileio.write_text(fileio.join(location, RUN_JSON), to_json(merged))
@@ -55,7 +71,8 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
 
 
 def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, windows: int | None = None,
-                   zeroshot_tasks=(), limit: int | None = None, data_dir=None, **session_kw) -> dict:
+                   zeroshot_tasks=(), limit: int | None = None, data_dir=None, executor: str = "ray", shards: int = 1,
+                   dtype: str = "auto", device: str = "auto", address: str | None = None) -> dict:
     """Evaluate a run folder (its run.json gains the metrics) or any model (a hub id, a checkpoint).
 
     Returns a run.json-shaped record; for a model that is not a run folder its `cell_key` is
@@ -65,7 +82,8 @@ def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, window
     if previous is not None:
         run, _ = complete_evaluations(previous, model, perplexity_sets=perplexity_sets, seqlen=seqlen,
                                       windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit,
-                                      data_dir=data_dir, **session_kw)
+                                      data_dir=data_dir, executor=executor, shards=shards, dtype=dtype,
+                                      device=device, address=address)
         return run
     dense = {"spec": {"model": model, "method": "dense", "top_up": "none", "pattern": "dense", "seed": 0,
                       "calibration": "", "seqlen": seqlen},
@@ -74,12 +92,8 @@ def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, window
              "host": platform.node(), "out": None}
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    session = open_evaluation_session(model, seqlen=seqlen, **session_kw)
-    try:
-        new = evaluate.evaluate(session, model, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
-                                zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=resolve_data_dir(data_dir),
-                                timings=timings)
-    finally:
-        session.close()
+    new = _evaluate(model, perplexity_sets=list(perplexity_sets), seqlen=seqlen, windows=windows,
+                    zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=resolve_data_dir(data_dir), timings=timings,
+                    executor=executor, shards=shards, dtype=dtype, device=device, address=address)
     timings["total"] = time.perf_counter() - t
     return {**evaluate.merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}

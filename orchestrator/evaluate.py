@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -108,9 +109,16 @@ def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int
     if zeroshot_tasks:
         t = time.perf_counter()
         rows = zeroshot_where_the_gpus_are(session, location, list(zeroshot_tasks), data_dir, limit)
-        out["zeroshot"] = [dict(r, eval_key=eval_key("zeroshot", r["task"], limit=limit)) for r in rows]
+        out["zeroshot"] = keyed_zeroshot(rows, limit)
         timings["zeroshot"] = timings.get("zeroshot", 0.0) + time.perf_counter() - t
     return out
+
+
+def keyed_zeroshot(rows: list[dict], limit: int | None) -> list[dict]:
+    """Zero-shot rows with their `eval_key` (the store never mixes evaluations made differently)."""
+    from orchestrator.spec import eval_key
+
+    return [dict(r, eval_key=eval_key("zeroshot", r["task"], limit=limit)) for r in rows]
 
 
 def missing(run: dict, *, perplexity_sets, seqlen, windows, zeroshot_tasks, limit) -> tuple[list, list]:
@@ -177,25 +185,85 @@ def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto") -> lis
             for r in results]
 
 
+def zeroshot_resources(placement, n_shards: int, node: dict) -> dict:
+    """Ray resources of the zero-shot task: the GPUs and CPUs the shard actors held (released
+    first), capped by `node`'s: the driver's node for a local checkpoint, the largest node otherwise
+    (lm-eval runs in one process; `device_map="auto"` spreads the model over the GPUs it gets)."""
+    gpus = placement.bundle.get("GPU", 0) * n_shards
+    cpus = placement.bundle.get("CPU", 0) * n_shards
+    return {"num_gpus": min(gpus, int(node.get("GPU", 0))), "num_cpus": min(cpus, node.get("CPU", 0))}
+
+
+def torch_threads_of_task() -> int | None:
+    """The CPUs Ray assigned the running task, as torch threads (Ray starts its workers with one
+    thread); None when it has less than one CPU."""
+    import ray
+
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    return cpus if cpus >= 1 else None
+
+
+def _zeroshot_task(location: str, tasks, data_dir, limit) -> list[dict]:
+    import torch
+
+    before, threads = torch.get_num_threads(), torch_threads_of_task()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return zeroshot(location, tasks, data_dir, limit)
+    finally:
+        torch.set_num_threads(before)  # the worker process may serve other tasks
+
+
 def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir, limit) -> list[dict]:
     """Zero-shot on the checkpoint: in process for an in-process run, else a Ray task with the GPUs
-    the shards had (never the whole model inside the driver).
+    and CPUs the shards had (never the whole model inside the driver).
 
-    A local `location` lives on the driver's machine, so the task is pinned to that node (and its
-    GPUs, if it has any); with a storage-URI `--out` it runs on any node with the GPUs.
+    The shard actors are released first (`Session.release_devices`): the task loads the saved
+    checkpoint itself, and while they lived it could not get their GPUs (one GPU node, every GPU a
+    shard: the task waited forever) nor their CPUs (a CPU session: one thread, or waiting forever
+    for a storage URI).
     """
     placement = getattr(session.chain, "placement", None)
     if placement is None:
         return zeroshot(location, tasks, data_dir, limit)
+    session.release_devices()
+    return zeroshot_on_ray(placement, session.chain.n_shards, location, tasks, data_dir, limit)
+
+
+def zeroshot_without_shards(location: str, tasks, data_dir, limit, *, executor: str, shards: int, device: str,
+                            address: str | None) -> list[dict]:
+    """Zero-shot when nothing else is evaluated: no shard actor loads the model only to hand its
+    devices over; the Ray task gets what `shards` actors would hold (`place_shards`)."""
+    if executor == "local":
+        return zeroshot(location, tasks, data_dir, limit, device)
+    import ray
+
+    from orchestrator.placement import place_shards
+    from orchestrator.ray_chain import ensure_ray
+
+    started = ensure_ray(address, os.cpu_count())
+    try:
+        return zeroshot_on_ray(place_shards(shards, device), shards, location, tasks, data_dir, limit)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def zeroshot_on_ray(placement, n_shards: int, location: str, tasks, data_dir, limit) -> list[dict]:
+    """A Ray task with `zeroshot_resources`. A local `location` lives on the driver's machine, so the
+    task is pinned to that node (and its GPUs, if it has any); a storage URI runs on any node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    gpus = session.chain.n_shards if placement.uses_gpu else 0
-    opts = {"num_gpus": gpus, "num_cpus": 1}
-    if not fileio.is_uri(location):  # pinned to the driver's node, with the GPUs that node has (often none)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if fileio.is_uri(location):
+        node = max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)))
+        opts = zeroshot_resources(placement, n_shards, node["Resources"])
+    else:
         here = ray.get_runtime_context().get_node_id()
-        node_gpus = next((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["NodeID"] == here), 0)
-        opts = {"num_cpus": 0, "num_gpus": min(gpus, int(node_gpus)),
-                "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
-    task = ray.remote(zeroshot).options(max_retries=2, retry_exceptions=[TransientError], **opts)
+        node = next(n for n in nodes if n["NodeID"] == here)
+        opts = dict(zeroshot_resources(placement, n_shards, node["Resources"]),
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+    task = ray.remote(_zeroshot_task).options(max_retries=2, retry_exceptions=[TransientError], **opts)
     return ray.get(task.remote(location, list(tasks), None if data_dir is None else str(data_dir), limit))

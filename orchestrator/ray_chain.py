@@ -178,6 +178,8 @@ class RayChain:
 
     def _submit(self, call):
         shard, name, args, n = call
+        if not self.actors:
+            raise RuntimeError(f"{name} on shard {shard}: this chain's actors were released (Session.release_devices)")
         fn = getattr(self.actors[shard], name)
         if n > 1:
             fn = fn.options(num_returns=n)
@@ -297,16 +299,25 @@ class RayChain:
         for pg in self.pgs:
             remove_placement_group(pg)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Kill the actors and free their placement groups, so their GPUs and CPUs go to whatever runs
+        next (zero-shot after perplexity); the chain takes no calls after this. Idempotent."""
         import ray
 
         if self._progress_thread is not None:
             self._progress_thread[1].set()
             self._progress_thread[0].join(timeout=5)
-
+            self._progress_thread = None
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self._remove_groups()
-        ray.kill(self.sink)
+        if self.sink is not None:
+            ray.kill(self.sink)
+        self.actors, self.pgs, self.sink = [], [], None
+
+    def close(self) -> None:
+        import ray
+
+        self.release()
         if self._started:
             ray.shutdown()

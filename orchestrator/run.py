@@ -36,7 +36,6 @@ from orchestrator.evidence import collect
 from orchestrator.pipeline import run_stream
 from orchestrator.session import Session, check_pattern, open_session
 from orchestrator.outputs import RunOutput, save_checkpoint
-from orchestrator.shard import Shard
 from orchestrator.spec import GRID_VERSION, PruneSpec
 from orchestrator.tasks import Prune
 
@@ -313,8 +312,7 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
             run = execute(spec, location, session=session, progress=progress, resume_dir=output.resume_location,
                           calibration=calibration)
             run["out"] = output.out
-            run["shard_reports"] = [session.chain.get(session.chain.call(i, Shard.report))
-                                    for i in range(session.chain.n_shards)]
+            run["shard_reports"] = session.shard_reports()
             run["recoveries"] = getattr(session.chain, "recoveries", 0)  # actors restarted and replayed
             if session.offload != "none":
                 run["offload"] = {"mode": session.offload, "why": session.offload_reason,

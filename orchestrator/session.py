@@ -79,6 +79,7 @@ class Session:
     offload_reason: str = ""
     token_cache: dict = field(default_factory=dict)  # evaluation token streams, tokenized once
     kwargs_ready: set[int] = field(default_factory=set)
+    released_reports: list | None = None  # the shards' reports, kept when their actors were released
 
     @property
     def n_blocks(self) -> int:
@@ -105,6 +106,22 @@ class Session:
     def ratios_of(self, shard: int, ratios: dict) -> dict:
         """The part of per-block `ratios` that shard `shard` holds."""
         return {b: ratios[b] for b in self.shard_specs[shard].blocks}
+
+    def shard_reports(self) -> list[dict]:
+        """What each shard did (`Shard.report`), also after `release_devices`."""
+        if self.released_reports is not None:
+            return self.released_reports
+        return [self.chain.get(self.chain.call(i, Shard.report)) for i in range(self.chain.n_shards)]
+
+    def release_devices(self) -> None:
+        """Free the shard actors' GPUs and CPUs for a Ray task that needs them (zero-shot, which loads
+        the saved checkpoint itself), keeping their reports: the chain takes no calls after this.
+        Nothing to free for in-process shards."""
+        release = getattr(self.chain, "release", None)
+        if release is None or self.released_reports is not None:
+            return
+        self.released_reports = self.shard_reports()
+        release()
 
     def close(self) -> None:
         close = getattr(self.chain, "close", None)

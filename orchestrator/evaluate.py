@@ -91,7 +91,8 @@ def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int
     """Perplexities through the session's shards and zero-shot tasks on the checkpoint at `location`.
 
     Returns {"perplexity": {name: value}, "eval_data": {name: info}, "zeroshot": [rows]}, each result
-    carrying its `eval_key`, so a store never mixes evaluations made differently.
+    carrying its `eval_key`, so a store never mixes evaluations made differently. Zero-shot comes
+    last: on Ray it releases the shard actors (`zeroshot_where_the_gpus_are`).
     """
     import time
 
@@ -262,7 +263,7 @@ def zeroshot_on_ray(placement, n_shards: int, location: str, tasks, data_dir, li
         opts = zeroshot_resources(placement, n_shards, node["Resources"])
     else:
         here = ray.get_runtime_context().get_node_id()
-        node = next(n for n in nodes if n["NodeID"] == here)
+        node = next((n for n in nodes if n["NodeID"] == here), {"Resources": {}})  # a client driver: no node
         opts = dict(zeroshot_resources(placement, n_shards, node["Resources"]),
                     scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
     task = ray.remote(_zeroshot_task).options(max_retries=2, retry_exceptions=[TransientError], **opts)

@@ -99,23 +99,26 @@ def perplexity_section(args) -> tuple[list, dict]:
     from orchestrator.run import session_for
     from orchestrator.spec import build_spec
 
+    def pruning(**kw):  # a session as `neuroal prune --eval` opens it
+        return lambda: session_for(build_spec(model=MODEL, seqlen=args.seqlen, data_dir=str(DATA_DIR), **kw))
+
+    def evaluating(shards):  # a session as `neuroal eval` opens it
+        return lambda: open_evaluation_session(MODEL, executor="ray", shards=shards, dtype="auto", device="auto",
+                                               address=None, seqlen=args.seqlen)
+
     glibc_defaults = "neuroal ray x1, glibc malloc defaults (before)"
-    eval_x2 = "neuroal ray x2, eval session (19 + 11)"
-    paths = {"neuroal ray x1 (CLI default)": {}, glibc_defaults: {}, "neuroal in-process": {"executor": "local"},
-             eval_x2: {"shards": 2}, "neuroal ray x2, prune session (15 + 15)": {"shards": 2}}
+    paths = {"neuroal ray x1 (CLI default)": pruning(), glibc_defaults: pruning(),
+             "neuroal in-process": pruning(executor="local"), "neuroal ray x2, eval session (19 + 11)": evaluating(2),
+             "neuroal ray x2, prune session (15 + 15)": pruning(shards=2)}
     config = load_config(resolve_model(MODEL))
     times = {k: [] for k in [*paths, "HF loop, batch 1"]}
     ppl, splits = {}, {}
     wins = None
     for _ in range(args.repeats):  # paths interleaved; one session open at a time (each holds the CPUs)
-        for label, kw in paths.items():
+        for label, open_path in paths.items():
             if label == glibc_defaults:  # read by the actor's process, which the session's Ray starts
                 os.environ[KEEP_ENV] = "0"
-            if label == eval_x2:
-                session = open_evaluation_session(MODEL, executor="ray", shards=2, dtype="auto", device="auto",
-                                                  address=None, seqlen=args.seqlen)
-            else:
-                session = session_for(build_spec(model=MODEL, seqlen=args.seqlen, data_dir=str(DATA_DIR), **kw))
+            session = open_path()
             os.environ.pop(KEEP_ENV, None)
             try:
                 splits[label] = [len(s.blocks) for s in session.shard_specs]

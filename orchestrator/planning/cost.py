@@ -19,6 +19,7 @@ ASSUMED_TFLOPS = 150.0  # bf16 sustained on an A100-80GB for these shapes (~48% 
 ASSUMED_H2D_GBPS = 25.0  # pinned host memory over PCIe 4.0 x16
 ASSUMED_DISK_GBPS = 2.0  # a local NVMe SSD read
 
+
 def search_passes(sparsity: float) -> tuple[tuple[str, int], ...]:
     """λ candidates per block-major pass of a NeuroAL search, from its λ sets (block step 14, 13 at
     s ≥ 0.8; row step 15), and the tie check's re-scoring of the two best after each step."""
@@ -55,7 +56,9 @@ def projected_passes(layout: ModelLayout, *, dtype_bytes: int, seqlen: int, sear
     rate = min(h2d_gbps, disk_gbps) if mode == "disk" else h2d_gbps
     flops_per_window = sum(block_forward_flops(b.params, layout.hidden_size, seqlen) for b in layout.blocks)
     move_s = sum(b.params for b in layout.blocks) * dtype_bytes / (rate * 1e9)
-    steps = search_passes(sparsity) if row_step else search_passes(sparsity)[:2]  # SparseGPT/APT: block step only
+    steps = search_passes(sparsity)
+    if not row_step:  # SparseGPT/APT: the block step only
+        steps = steps[:2]
     passes = [(name, n * search_windows) for name, n in steps]
     passes.append(("final pass", nsamples))
     return [PassCost(name, w, 2 * w * flops_per_window / (tflops * 1e12), move_s) for name, w in passes]

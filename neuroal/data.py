@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +95,8 @@ def _read_parquet_docs(path: Path) -> list[str]:
 def read_file_docs(path: Path) -> list[str]:
     """Documents of a user file by extension (.txt one document; .jsonl/.json[.gz]; .parquet)."""
     if not path.is_file():
-        raise DataError(f"data: file {str(path)!r} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"data: {str(path)!r} {what}; allowed: {', '.join(DATASETS)} or a .txt/.jsonl/.parquet file")
     name = path.name.lower()
     try:
         if name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
@@ -243,28 +246,50 @@ def perplexity_windows(ids: Tensor, seqlen: int) -> Tensor:
 # ---------------------------------------------------------------- calibration
 
 
-_READY_SUFFIXES = (".pt", ".npy")
-
-
-def _ready_ids(path: Path) -> Tensor | None:
-    """Token ids stored ready-made ([n, seqlen]), or None if the file holds text."""
-    name = path.name.lower()
-    if name.endswith(".pt"):
-        t = torch.load(path, map_location="cpu", weights_only=True)
-    elif name.endswith(".npy"):
-        t = torch.from_numpy(np.load(path))
-    elif name.endswith(".parquet"):
+def _load_ready(path: Path, name: str):
+    """The raw content of a ready-ids file; anything unreadable (a damaged file, a pickle of
+    objects, an object array) is a `DataError`: nothing in it is executed."""
+    try:
+        if name.endswith(".pt"):
+            with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        if name.endswith(".npy"):
+            return torch.from_numpy(np.load(path, allow_pickle=False))
         import pyarrow.parquet as pq
 
-        schema = pq.read_schema(path)
-        if "input_ids" not in schema.names:
+        if "input_ids" not in pq.read_schema(path).names:
             return None
-        t = torch.tensor(pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist())
-    else:
+        return torch.tensor(pq.read_table(path, columns=["input_ids"]).column("input_ids").to_pylist())
+    except Exception as exc:
+        why = ("it holds pickled objects that are not tensors, which are never loaded (a pickle can run code)"
+               if isinstance(exc, pickle.UnpicklingError) else f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+        raise DataError(f"calibration: {path} is not a readable file of token ids ({why}); "
+                        "save an integer tensor [n, seqlen] with torch.save, numpy.save or a Parquet input_ids column"
+                        ) from None
+
+
+def _ready_ids(path: Path, vocab_size: int | None = None) -> Tensor | None:
+    """Token ids stored ready-made ([n, seqlen]), or None if the file holds text.
+
+    Raises:
+        DataError: the file is unreadable, not an integer matrix, or holds ids outside [0, vocab_size).
+    """
+    name = path.name.lower()
+    if not name.endswith((".pt", ".npy", ".parquet")):
         return None
-    if not isinstance(t, Tensor) or t.dim() != 2 or t.is_floating_point():
-        raise DataError(f"calibration: {path} must hold integer token ids of shape [n, seqlen]")
-    return t.long()
+    t = _load_ready(path, name)
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.dim() != 2 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        what = (f"a {t.dim()}-d {str(t.dtype).removeprefix('torch.')} tensor" if isinstance(t, Tensor)
+                else f"a {type(t).__name__}")
+        raise DataError(f"calibration: {path} holds {what}; allowed: integer token ids of shape [n, seqlen]")
+    t = t.long()
+    if vocab_size is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+        raise DataError(f"calibration: {path} holds token ids from {int(t.min())} to {int(t.max())}; allowed: "
+                        f"0..{vocab_size - 1} (the tokenizer's vocabulary of {vocab_size})")
+    return t
 
 
 def _check_supply(docs: Documents, tokenizer, nsamples: int, seqlen: int, source: str, cache: dict) -> None:
@@ -307,7 +332,7 @@ def calibration_windows(
     if source not in DATASETS and path.suffix:
         if not path.is_file():
             raise DataError(f"calibration: file {str(path)!r} does not exist")
-        ready = _ready_ids(path)
+        ready = _ready_ids(path, len(tokenizer))
         if ready is not None:
             if ready.shape[1] != seqlen or ready.shape[0] < nsamples:
                 raise DataError(

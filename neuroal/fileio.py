@@ -170,3 +170,25 @@ def listdir(location: str | os.PathLike) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def check_folder(location: str | os.PathLike, field: str) -> None:
+    """A local `location` is a folder, or can become one (its nearest existing ancestor takes a new
+    folder); URIs are checked by what reads and writes them.
+
+    Raises:
+        NeuroalError: one line naming `field`.
+    """
+    if is_uri(location):
+        return
+    from neuroal.errors import NeuroalError
+
+    out = Path(location)
+    if out.exists() and not out.is_dir():
+        raise NeuroalError(f"{field}: {out} is a file; allowed: a folder")
+    base = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    try:  # a real try: root passes every permission check, and read-only filesystems refuse root too
+        os.rmdir(tempfile.mkdtemp(prefix=".neuroal-check-", dir=base))
+    except OSError as exc:
+        raise NeuroalError(f"{field}: cannot create {out} ({base} is not a writable folder: {exc.strerror}); "
+                           "choose a folder you can write") from None

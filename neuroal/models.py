@@ -205,14 +205,16 @@ def load_tokenizer(folder: Path):
 
 def tensor_index(folder: Path) -> dict[str, Path]:
     """Map every tensor name in the checkpoint to the safetensors file that holds it."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: folder / file for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"model: {index} is not a readable safetensors index ({_one_line(exc)})") from None
     out = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({name: file for name in f.keys()})
+        out.update({name: file for name in safetensors_header(file) if name != "__metadata__"})
     if not out:
         raise ModelLoadError(f"model: no safetensors weights in {folder}")
     return out
@@ -255,6 +257,22 @@ def _model_key(name: str, model_keys: set[str], prefix: str, renames=()) -> str 
     return None
 
 
+def _plan_loads(model: nn.Module, folder: Path, wanted) -> tuple[dict[Path, list[tuple[str, str]]], ExpertMerges]:
+    """Which checkpoint tensor goes to which model key, by file (plus the fused-expert merges)."""
+    state_keys = set(model.state_dict().keys())
+    prefix = getattr(model, "base_model_prefix", "")
+    renames = checkpoint_renames(model)
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    merges = ExpertMerges(model, renames)  # per-expert checkpoint tensors of fused MoE experts
+    for ckpt_name, file in tensor_index(folder).items():
+        key = _model_key(ckpt_name, state_keys, prefix, renames)
+        if key is None and merges.add(ckpt_name, file, lambda n: _model_key(n, state_keys, prefix), wanted):
+            continue
+        if key is not None and wanted(key):
+            by_file.setdefault(file, []).append((ckpt_name, key))
+    return by_file, merges
+
+
 def materialize(
     model: nn.Module,
     folder: Path,
@@ -275,25 +293,22 @@ def materialize(
 
     Returns:
         The model parameter/buffer names that were loaded.
+
+    Raises:
+        ModelLoadError: a weight file is damaged (truncated, not safetensors).
     """
     from accelerate.utils import set_module_tensor_to_device
 
-    state_keys = set(model.state_dict().keys())
-    prefix = getattr(model, "base_model_prefix", "")
-    renames = checkpoint_renames(model)
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    merges = ExpertMerges(model, renames)  # per-expert checkpoint tensors of fused MoE experts
-    for ckpt_name, file in tensor_index(folder).items():
-        key = _model_key(ckpt_name, state_keys, prefix, renames)
-        if key is None and merges.add(ckpt_name, file, lambda n: _model_key(n, state_keys, prefix), wanted):
-            continue
-        if key is not None and wanted(key):
-            by_file.setdefault(file, []).append((ckpt_name, key))
+    by_file, merges = _plan_loads(model, folder, wanted)
     loaded = []
     for file, names in by_file.items():
         if not file.exists() and fetch is not None:
             fetch(file)
-        with safe_open(file, "pt", device="cpu") as f:
+        try:
+            f = safe_open(file, "pt", device="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"model: {file} is not a readable safetensors file ({_one_line(exc)})") from exc
+        with f:
             for ckpt_name, key in names:
                 t = f.get_tensor(ckpt_name)
                 t = t.to(dtype) if t.is_floating_point() else t
@@ -304,6 +319,56 @@ def materialize(
         loaded.append(key)
     _tie_if_needed(model, loaded, wanted, device)
     return loaded
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:200]
+
+
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size (a truncated download
+    or a damaged copy fails here, before any tensor is read).
+
+    Raises:
+        ModelLoadError: the header is unreadable or the tensors it lists run past the end of the file.
+    """
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ModelLoadError(f"model: {file} is not a readable safetensors file ({_one_line(exc)}); "
+                             "download or copy it again") from None
+    if 8 + n + end > size:
+        raise ModelLoadError(f"model: {file} is truncated ({size} bytes; its header lists {8 + n + end}); "
+                             "download or copy it again")
+    return header
+
+
+def check_checkpoint(folder: Path, config) -> None:
+    """Refuse, before any shard loads, a checkpoint whose weight files are damaged or that lacks
+    tensors the family needs. Files not on this machine yet (a hub id or a URI read by the
+    shards) are checked through the index alone.
+
+    Raises:
+        ModelLoadError: one line naming the file or the missing tensors.
+    """
+    for file in sorted({f for f in tensor_index(folder).values() if f.exists()}):
+        safetensors_header(file)
+    model = build_skeleton(config)
+    by_file, merges = _plan_loads(model, folder, lambda _: True)
+    covered = {key for names in by_file.values() for _, key in names} | set(merges.parts)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out_emb = model.get_output_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False) and out_emb is not None
+    missing = [n for n, p in params.items() if n not in covered and not (tied and p is out_emb.weight)]
+    if missing:
+        raise ModelLoadError(f"model: {folder} lacks {len(missing)} of the {len(params)} tensors a "
+                             f"{config.model_type} model needs, e.g. {', '.join(missing[:3])}")
 
 
 def _tie_if_needed(model: nn.Module, loaded: list[str], wanted, device) -> None:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from neuroal import fileio
 from neuroal.allocation import ALLOCATORS
 from neuroal.errors import NeuroalError, SpecError
 from orchestrator.planning.cost import ASSUMED_DISK_GBPS, ASSUMED_H2D_GBPS, ASSUMED_TFLOPS
@@ -24,7 +25,10 @@ console = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: a message's own brackets ("[n, seqlen]") are text, not rich markup
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -89,14 +93,22 @@ def summary_table(run: dict) -> Table:
             t.add_row(f"λ {step} lead / noise", f"{c['margin']:.3g} / {c['noise']:.3g}" + (" NEAR TIE" if c["near_tie"] else ""))
     for name, v in run.get("perplexity_dense", {}).items():
         t.add_row(f"ppl {name} dense", f"{v:.3f}")
-    for name, v in run.get("perplexity", {}).items():
-        t.add_row(f"ppl {name} pruned", f"{v:.3f}")
-    for r in run.get("zeroshot", []):
-        t.add_row(f"{r['task']} {r['metric']}", f"{r['value']:.4f} ± {r['stderr']:.4f}")
+    _evaluation_rows(t, run)
     for phase, s in run.get("timings_s", {}).items():
         t.add_row(f"time {phase}", f"{s:.1f} s")
     t.add_row("out", run.get("out", ""))
     return t
+
+
+def _evaluation_rows(t: Table, run: dict) -> None:
+    """Every evaluation on record, each with its protocol (seqlen and windows, or documents)."""
+    from orchestrator.evaluate import recorded
+
+    for e in recorded(run):
+        if e["kind"] == "perplexity":
+            t.add_row(f"ppl {e['task']} ({e['protocol']})", f"{e['value']:.3f}")
+        else:
+            t.add_row(f"{e['task']} {e['metric']} ({e['protocol']})", f"{e['value']:.4f} ± {e['stderr']:.4f}")
 
 
 @app.command()
@@ -177,14 +189,18 @@ def eval_(
     from orchestrator.eval_run import evaluate_model
     from orchestrator.outputs import read_run
     from orchestrator.spec import build_spec
-    from orchestrator.store import append_run_rows
+    from orchestrator.store import append_run_rows, store_dir
 
     try:
-        checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, dtype=dtype, device=device)
+        checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, dtype=dtype, device=device,
+                             eval_windows=eval_windows, zeroshot_limit=zeroshot_limit,
+                             **({} if seqlen is None else {"seqlen": seqlen}))
         if not checked.eval and not checked.zeroshot:
             raise NeuroalError("--eval/--zeroshot: nothing to evaluate; give at least one dataset or task")
+        fileio.check_folder(store_dir(store), "--store")
         previous = read_run(model)
-        seqlen = seqlen or (previous["spec"]["seqlen"] if previous else 2048)
+        if seqlen is None:
+            seqlen = previous["spec"]["seqlen"] if previous else 2048
         run = evaluate_model(model, perplexity_sets=checked.eval, seqlen=seqlen, windows=eval_windows,
                              zeroshot_tasks=checked.zeroshot, limit=zeroshot_limit, data_dir=data_dir,
                              executor=executor, shards=shards, dtype=dtype, device=device,
@@ -195,10 +211,7 @@ def eval_(
     t = Table(title=f"{model} · {run['spec']['method']}")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for name, v in run.get("perplexity", {}).items():
-        t.add_row(f"ppl {name} (seqlen {run['eval_data'][name]['seqlen']})", f"{v:.3f}")
-    for r in run.get("zeroshot", []):
-        t.add_row(f"{r['task']} {r['metric']}", f"{r['value']:.4f} ± {r['stderr']:.4f}")
+    _evaluation_rows(t, run)
     Console().print(t)
 
 
@@ -251,13 +264,13 @@ def grid(
 ):
     """Run a benchmark grid: prune every cell and evaluate it, resumably, into a Parquet store."""
     _setup_logging(False)
-    from orchestrator.grid import expand, expected_rows, load_grid, run_grid
-    from orchestrator.store import existing_keys
+    from orchestrator.grid import done_rows, expand, expected_rows, load_grid, run_grid
 
     try:
+        fileio.check_folder(store, "--store")
         g = load_grid(spec)
         plan = expand(g, Path(store))
-        have = existing_keys(store)
+        have = done_rows(store)
         todo = [c for c in plan.cells if not expected_rows(c) <= have]
         console.print(f"grid {g.name}: {len(plan.cells)} cells ({len(plan.cells) - len(todo)} done), "
                       f"{len(plan.cells) * len(plan.cells[0].evals) if plan.cells else 0} evaluations; "
@@ -307,7 +320,11 @@ def report(
 
     if not Path(store).is_dir():
         _fail(NeuroalError(f"store: {store!r} is not a folder"))
-    files = build_report(store, out)
+    try:
+        fileio.check_folder(out, "--out")
+        files = build_report(store, out)
+    except NeuroalError as exc:
+        _fail(exc)
     for kind, paths in files.items():
         for p in paths:
             console.print(f"{kind}: {p}", highlight=False)
@@ -349,6 +366,9 @@ def plan(
     from orchestrator.planning.render import render_offloaded
     from orchestrator.planning.sizes import DTYPE_BYTES, canonical_dtype
 
+    for flag, value in (("--gpus", gpus), ("--streams", streams)):
+        if value is not None and value < 1:
+            _fail(SpecError(flag, value, "a positive integer"))
     if offload not in ("auto", "none", "cpu", "disk"):
         _fail(SpecError("--offload", offload, "auto, none, cpu, disk"))
     if not 0.0 < sparsity < 1.0:

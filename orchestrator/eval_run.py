@@ -47,7 +47,8 @@ def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_
     rows = evaluate.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
                                             shards=shards, device=device, address=address)
     timings["zeroshot"] = time.perf_counter() - t
-    return {"perplexity": {}, "eval_data": {}, "zeroshot": evaluate.keyed_zeroshot(rows, limit)}
+    keyed = evaluate.keyed_zeroshot(rows, limit)
+    return {"perplexity": {}, "eval_data": {}, "zeroshot": keyed, "evaluations": evaluate.zeroshot_entries(keyed, limit)}
 
 
 def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None,

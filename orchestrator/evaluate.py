@@ -90,29 +90,61 @@ def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int
              zeroshot_tasks=(), limit: int | None = None, data_dir=None, timings: dict | None = None) -> dict:
     """Perplexities through the session's shards and zero-shot tasks on the checkpoint at `location`.
 
-    Returns {"perplexity": {name: value}, "eval_data": {name: info}, "zeroshot": [rows]}, each result
-    carrying its `eval_key`, so a store never mixes evaluations made differently. Zero-shot comes
-    last: on Ray it releases the shard actors (`zeroshot_where_the_gpus_are`).
+    Returns {"perplexity": {name: value}, "eval_data": {name: info}, "zeroshot": [rows],
+    "evaluations": [entries]}, each result carrying its `eval_key` and protocol, so a store never mixes
+    evaluations made differently. Zero-shot comes last: on Ray it releases the shard actors
+    (`zeroshot_where_the_gpus_are`).
     """
     import time
 
     from orchestrator.spec import eval_key
 
     timings = {} if timings is None else timings
-    out = {"perplexity": {}, "eval_data": {}, "zeroshot": []}
+    out = {"perplexity": {}, "eval_data": {}, "zeroshot": [], "evaluations": []}
     t = time.perf_counter()
     for name in perplexity_sets:
         value, info = perplexity(session, name, seqlen, data_dir, max_windows=windows)
         out["perplexity"][name] = value
         out["eval_data"][name] = dict(info, seqlen=seqlen, eval_key=eval_key("perplexity", name, seqlen=seqlen,
                                                                              windows=windows))
+        out["evaluations"].append(perplexity_entry(name, value, out["eval_data"][name]))
     timings["eval"] = timings.get("eval", 0.0) + time.perf_counter() - t
     if zeroshot_tasks:
         t = time.perf_counter()
         rows = zeroshot_where_the_gpus_are(session, location, list(zeroshot_tasks), data_dir, limit)
         out["zeroshot"] = keyed_zeroshot(rows, limit)
+        out["evaluations"] += zeroshot_entries(out["zeroshot"], limit)
         timings["zeroshot"] = timings.get("zeroshot", 0.0) + time.perf_counter() - t
     return out
+
+
+def protocol(*, seqlen: int | None = None, windows: int | None = None, windows_available: int | None = None,
+             limit: int | None = None, n_docs: int | None = None) -> str:
+    """How an evaluation was made, in words (run.json, the store, the summary and the report).
+
+    >>> protocol(seqlen=256, windows=16, windows_available=1234)
+    'seqlen 256, 16 of 1234 windows'
+    >>> protocol(limit=100, n_docs=100)
+    '100 documents (--zeroshot-limit 100)'
+    """
+    if seqlen is not None:
+        part = "all" if windows == windows_available else f"{windows} of"
+        return f"seqlen {seqlen}, {part} {windows_available} windows"
+    return f"{n_docs} documents" + (f" (--zeroshot-limit {limit})" if limit is not None else " (all)")
+
+
+def perplexity_entry(name: str, value: float, info: dict) -> dict:
+    """One perplexity evaluation as `run.json["evaluations"]` keeps it: value, its `eval_data` info
+    (eval key, seqlen, windows, origin) and the protocol in words."""
+    available = info.get("windows_available", info["windows"])
+    return {"kind": "perplexity", "task": name, "metric": "perplexity", "value": value, "stderr": None,
+            **info, "windows_available": available,
+            "protocol": protocol(seqlen=info["seqlen"], windows=info["windows"], windows_available=available)}
+
+
+def zeroshot_entries(rows: list[dict], limit: int | None) -> list[dict]:
+    return [dict(r, kind="zeroshot", limit=limit, protocol=protocol(limit=limit, n_docs=r.get("n_docs")))
+            for r in rows]
 
 
 def keyed_zeroshot(rows: list[dict], limit: int | None) -> list[dict]:
@@ -122,25 +154,58 @@ def keyed_zeroshot(rows: list[dict], limit: int | None) -> list[dict]:
     return [dict(r, eval_key=eval_key("zeroshot", r["task"], limit=limit)) for r in rows]
 
 
+def recorded(run: dict) -> list[dict]:
+    """Every evaluation a run.json holds (a run.json written before `evaluations` existed: its
+    headline results, which were all it kept)."""
+    if "evaluations" in run:
+        return list(run["evaluations"])
+    data = run.get("eval_data", {})
+    entries = [perplexity_entry(n, v, data[n]) for n, v in run.get("perplexity", {}).items() if "eval_key" in data.get(n, {})]
+    return entries + [dict(r, kind="zeroshot", protocol=protocol(n_docs=r.get("n_docs"))) for r in run.get("zeroshot", [])]
+
+
 def missing(run: dict, *, perplexity_sets, seqlen, windows, zeroshot_tasks, limit) -> tuple[list, list]:
     """The requested evaluations a run.json does not hold yet (made the same way)."""
     from orchestrator.spec import eval_key
 
-    data = run.get("eval_data", {})
-    ppl = [n for n in perplexity_sets
-           if data.get(n, {}).get("eval_key") != eval_key("perplexity", n, seqlen=seqlen, windows=windows)]
-    have = {(r["task"], r.get("eval_key")) for r in run.get("zeroshot", [])}
+    have = {(e["task"], e["eval_key"]) for e in recorded(run)}
+    ppl = [n for n in perplexity_sets if (n, eval_key("perplexity", n, seqlen=seqlen, windows=windows)) not in have]
     zs = [t for t in zeroshot_tasks if (t, eval_key("zeroshot", t, limit=limit)) not in have]
     return ppl, zs
 
 
+_INFO = ("origin", "windows", "windows_available", "tokens", "seqlen", "eval_key")  # eval_data's fields
+
+
+def _scored(entry: dict) -> int:
+    """How much an evaluation scored: tokens for perplexity, documents for zero-shot."""
+    if entry["kind"] == "perplexity":
+        return entry["seqlen"] * entry["windows"]
+    return entry.get("n_docs") or 0
+
+
 def merge(run: dict, new: dict) -> dict:
-    """`run` with the new evaluations added (replacing older ones of the same name)."""
-    out = dict(run)
-    out["perplexity"] = {**run.get("perplexity", {}), **new["perplexity"]}
-    out["eval_data"] = {**run.get("eval_data", {}), **new["eval_data"]}
-    tasks = {r["task"] for r in new["zeroshot"]}
-    out["zeroshot"] = [r for r in run.get("zeroshot", []) if r["task"] not in tasks] + new["zeroshot"]
+    """`run` with the new evaluations added to `evaluations` (one per eval key, task and metric).
+
+    The headline results (`perplexity`, `eval_data`, `zeroshot`) are, per dataset or task, the
+    fullest evaluation on record (most tokens or documents scored; the newer on a tie): a quick
+    look with fewer windows is kept beside the full one, never in its place.
+    """
+    ident = lambda e: (e["eval_key"], e["task"], e["metric"])  # noqa: E731
+    fresh = {ident(e) for e in new["evaluations"]}
+    entries = [e for e in recorded(run) if ident(e) not in fresh] + list(new["evaluations"])
+    best: dict[tuple[str, str], dict] = {}
+    for e in entries:  # later entries are newer: >= lets them win a tie
+        key = (e["kind"], e["task"])
+        if key not in best or _scored(e) >= _scored(best[key]):
+            best[key] = e
+    out = dict(run, evaluations=entries)
+    ppl = {task: e for (kind, task), e in best.items() if kind == "perplexity"}
+    out["perplexity"] = {task: e["value"] for task, e in ppl.items()}
+    out["eval_data"] = {task: {k: v for k, v in e.items() if k in _INFO} for task, e in ppl.items()}
+    keys = {task: e["eval_key"] for (kind, task), e in best.items() if kind == "zeroshot"}
+    out["zeroshot"] = [{k: v for k, v in e.items() if k not in ("kind", "limit", "protocol")} for e in entries
+                       if e["kind"] == "zeroshot" and keys.get(e["task"]) == e["eval_key"]]
     return out
 
 

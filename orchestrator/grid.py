@@ -215,6 +215,14 @@ def expected_rows(cell: Cell) -> set[tuple[str, str, str]]:
     return rows
 
 
+def done_rows(store) -> set[tuple[str, str, str]]:
+    """The (cell_key, task, metric) of every row in `store`, the form `expected_rows` is compared with
+    (the store's keys also hold the evaluation's key)."""
+    from orchestrator.store import existing_keys
+
+    return {(cell, task, metric) for cell, _, task, metric in existing_keys(store)}
+
+
 # ---------------------------------------------------------------- work done inside Ray tasks
 
 
@@ -243,7 +251,7 @@ def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | N
     try:
         if kind == "zeroshot":
             return zeroshot(run_dir, [name], data_dir, zeroshot_limit)
-        session = open_session(run_dir, executor="local")  # device and dtype "auto": the task's GPU if any
+        session = open_session(run_dir, executor="local", seqlen=seqlen)  # "auto": the task's GPU if any
         try:
             value, info = perplexity(session, name, seqlen, resolve_data_dir(data_dir), max_windows=eval_windows)
         finally:
@@ -273,12 +281,12 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
     import ray
 
     from orchestrator.ray_chain import ensure_ray
-    from orchestrator.store import append_rows, existing_keys, run_rows
+    from orchestrator.store import append_rows, run_rows
 
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     plan = expand(grid, store)
-    have = existing_keys(store)
+    have = done_rows(store)
     states = {c.key: CellState(c) for c in plan.cells}
     on_update = on_update or (lambda states: None)
 
@@ -325,7 +333,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
                                            grid.zeroshot_limit)
                     pending[r] = (key, "eval", e)
             else:
-                rows = [dict(base, **m) for base in [_base_row(st)] for m in out]
+                rows = [dict(base, **m, protocol=_protocol(m, grid)) for base in [_base_row(st)] for m in out]
                 append_rows(store, [{k: v for k, v in r.items() if k not in ("info", "n_docs")} for r in rows])
                 st.evals_left -= 1
                 if st.evals_left == 0 and st.status != "failed":
@@ -335,6 +343,15 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
         if started:
             ray.shutdown()
     return states
+
+
+def _protocol(metric: dict, grid: Grid) -> str:
+    from orchestrator.evaluate import protocol
+
+    info = metric.get("info")
+    if info is None:
+        return protocol(limit=grid.zeroshot_limit, n_docs=metric.get("n_docs"))
+    return protocol(seqlen=grid.seqlen, windows=info["windows"], windows_available=info["windows_available"])
 
 
 def _is_transient(exc: BaseException, cause: BaseException) -> bool:

@@ -77,13 +77,20 @@ class RunOutput:
         return run if run is not None and run.get("cell_key") == self.key else None
 
     def check_free(self, overwrite: bool) -> None:
-        """Refuse to write over another run (an interrupted folder of this same spec is resumed)."""
+        """Refuse to write over another run or over the user's own files (an interrupted folder of
+        this same spec is resumed); a local `--out` must be a folder this process can create."""
+        fileio.check_folder(self.out, "--out")
         names = fileio.listdir(self.out)
-        if not names or overwrite:
+        ours = [n for n in names if n in (RUN_JSON, KEY_MARKER, INDEX) or n.startswith("_partial-")]
+        if not names or (overwrite and ours):
             return
         marker = fileio.join(self.out, KEY_MARKER)
         if self.remote and KEY_MARKER in names and fileio.read_text(marker).strip() == self.key:
             return
+        if not ours:  # never replaced, --overwrite or not: these are not ours to delete
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise NeuroalError(f"--out: {self.out} holds {len(names)} file(s) that are not a neuroal run ({shown}); "
+                               "choose an empty or new folder")
         raise NeuroalError(f"--out: {self.out} holds another run; choose another folder or pass --overwrite")
 
     @contextlib.contextmanager

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from neuroal.errors import NeuroalError  # noqa: E402
 from orchestrator.store import read_store  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ def _pivot(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
     """Write tables and plots for everything in `store` into `out`; returns the files by kind."""
     store, out = Path(store), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rep = read_store(store)
+    if not rep.table.num_rows and not rep.skipped:
+        raise NeuroalError(f"store: {str(store)!r} holds no results (no *.parquet rows); give the folder that "
+                           "`neuroal prune --store` or `neuroal grid --store` wrote")
+    out.mkdir(parents=True, exist_ok=True)
     df = rep.table.to_pandas()
     files: dict[str, list[Path]] = {"tables": [], "plots": []}
     sections = [f"# Results from `{store}`", ""]
@@ -69,6 +73,9 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
     if len(failed):
         sections += ["Failed cells:", *[f"- {r.model} {r.method} {r.top_up} {r.sparsity:g}: {r.note}" for r in failed.itertuples()], ""]
     df = df[df["metric"] != "error"]
+    if "protocol" in df:  # a result is labelled by how it was made: two protocols are two columns, never a mean
+        labelled = df["protocol"].notna() & (df["protocol"] != "")
+        df.loc[labelled, "task"] = df.loc[labelled, "task"] + " (" + df.loc[labelled, "protocol"] + ")"
     for (model, pattern), part in df.groupby(["model", "pattern"], sort=True):
         slug = f"{model.split('/')[-1]}-{pattern.replace(':', 'of')}"
         sections += [f"## {model} ({pattern})", ""]

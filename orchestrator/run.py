@@ -34,7 +34,8 @@ from neuroal.stats import ExpertRule
 from orchestrator import evaluate
 from orchestrator.evidence import collect
 from orchestrator.pipeline import run_stream
-from orchestrator.session import Session, check_pattern, open_session
+from orchestrator.resume import restore_allocation, save_allocation
+from orchestrator.session import Session, check_pattern, check_positions, open_session
 from orchestrator.outputs import RunOutput, save_checkpoint
 from orchestrator.spec import GRID_VERSION, PruneSpec
 from orchestrator.tasks import Prune
@@ -112,6 +113,7 @@ def preflight(spec: PruneSpec) -> tuple[torch.Tensor, str]:
     model_dir = resolve_model(spec.model, weights=False)
     config = load_config(model_dir)
     family_for(config)  # an unsupported architecture fails here
+    check_positions(config, spec.seqlen)
     check_memory(spec, config)
     return calibration_windows(spec.calibration, load_tokenizer(model_dir), spec.nsamples, spec.seqlen, spec.seed,
                                resolve_data_dir(spec.data_dir))
@@ -178,19 +180,15 @@ def versions() -> dict:
     return out
 
 
-def _restore_or_allocate(spec, session, calib, opts, progress, resume_dir: Path | None) -> Allocation:
-    """The allocation saved by an interrupted attempt (`allocation.pt`), or a new one, then saved."""
-    saved = fileio.join(resume_dir, "allocation.pt") if resume_dir else None
-    if saved is not None and fileio.exists(saved):
-        with tempfile.TemporaryDirectory() as tmp:
-            alloc = Allocation(**torch.load(fileio.get_file(saved, Path(tmp) / "a.pt"), weights_only=False))
-        alloc.notes = alloc.notes + ["allocation restored from an interrupted earlier attempt"]
-        return alloc
+def _restore_or_allocate(spec, session, calib, opts, progress, resume_dir: str | None) -> Allocation:
+    """The allocation saved by an interrupted attempt (`orchestrator.resume`), or a new one, then saved."""
+    if resume_dir is not None:
+        alloc = restore_allocation(str(resume_dir), spec.cell_key(), session.n_blocks, session.family.linears)
+        if alloc is not None:
+            return alloc
     alloc = allocate(spec, session, calib, opts, progress)
-    if saved is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(alloc.__dict__, Path(tmp) / "a.pt")
-            fileio.put_file(Path(tmp) / "a.pt", saved)
+    if resume_dir is not None:
+        save_allocation(str(resume_dir), alloc, spec.cell_key())
     return alloc
 
 
@@ -264,6 +262,7 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
         "perplexity_dense": ppl_dense,
         "zeroshot": results["zeroshot"],
         "eval_data": results["eval_data"],
+        "evaluations": results["evaluations"],  # every evaluation with its protocol (the headlines above: the fullest)
         "calibration": {"origin": calib_origin, "windows": int(calib.shape[0]), "seqlen": int(calib.shape[1])},
         "allocation_extra": alloc.extra,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -303,6 +302,10 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
             append_run_rows(run, None if store is True else store)
         return run
     output.check_free(overwrite)
+    if store is not False:
+        from orchestrator.store import store_dir
+
+        fileio.check_folder(store_dir(None if store is True else store), "--store")
     calibration = preflight(spec)
     session = session_for(spec, resume_dir=output.resume_location)
     try:

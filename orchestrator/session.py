@@ -17,12 +17,21 @@ from neuroal.devices import dtype_name, resolve_device, resolve_dtype
 from neuroal.errors import SpecError
 from neuroal.families import Family, family_for
 from neuroal.methods import Pattern
-from neuroal.models import load_config, load_tokenizer, resolve_model
+from neuroal.models import check_checkpoint, load_config, load_tokenizer, resolve_model
 from orchestrator.pipeline import LocalChain
 from orchestrator.planning import ShardSpec, parse_bytes, plan_shards
 from orchestrator.shard import Shard
 
 logger = logging.getLogger(__name__)
+
+
+def check_positions(config, seqlen: int, flag: str = "--seqlen") -> None:
+    """A window longer than the model's positions (`max_position_embeddings`) is refused: learned
+    position tables have no row for it, and rotary models were never trained that far."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit and seqlen > limit:
+        raise SpecError(flag, seqlen, f"at most {limit} (the model's max_position_embeddings)")
 
 
 def n_blocks_of(config) -> int:
@@ -164,6 +173,8 @@ def open_session(
     model_dir = resolve_model(model, weights=False)  # the driver reads config and tokenizer only
     config = load_config(model_dir)
     family = family_for(config)
+    check_positions(config, seqlen)
+    check_checkpoint(model_dir, config)  # damaged or incomplete weights: one line, before any shard starts
     started_ray = False
     if executor != "local":
         from orchestrator.ray_chain import ensure_ray

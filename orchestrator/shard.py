@@ -157,13 +157,17 @@ class Shard:
             return False
         from safetensors.torch import load, load_file
 
-        if fileio.is_uri(self.resume_path):
-            fs, path = fileio.filesystem(self.resume_path)
-            saved = load(fs.cat_file(path))
-        else:
-            saved = load_file(self.resume_path)
+        try:  # safetensors holds tensors only: a damaged or foreign file is ignored, never trusted
+            if fileio.is_uri(self.resume_path):
+                fs, path = fileio.filesystem(self.resume_path)
+                saved = load(fs.cat_file(path))
+            else:
+                saved = load_file(self.resume_path)
+        except Exception as exc:
+            logger.warning("shard %d: ignoring %s (unreadable: %s)", self.spec.index, self.resume_path, exc)
+            return False
         params = self._block_tensors()
-        if set(saved) != set(params):
+        if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
             logger.warning("shard %d: ignoring %s (it holds other tensors)", self.spec.index, self.resume_path)
             return False
         with torch.no_grad():

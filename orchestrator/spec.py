@@ -114,11 +114,21 @@ class PruneSpec(BaseModel):
         p = parse_pattern(v)
         return "unstructured" if p is None else str(p)
 
-    @field_validator("nsamples", "seqlen", "shards", "search_windows", "blocksize", "max_tokens", "moe_min_tokens")
+    @field_validator("nsamples", "seqlen", "shards", "search_windows", "blocksize", "max_tokens", "moe_min_tokens",
+                     "eval_windows", "zeroshot_limit")
     @classmethod
     def _positive(cls, v: int | None, info) -> int | None:
         if v is not None and v < 1:
             raise SpecError("--" + info.field_name.replace("_", "-"), v, "a positive integer")
+        return v
+
+    @field_validator("gpu_mem")
+    @classmethod
+    def _gpu_mem(cls, v: str | None) -> str | None:
+        from orchestrator.planning.sizes import parse_bytes
+
+        if v is not None:
+            parse_bytes(v)  # a size it cannot read is an error, never "does not fit: offload"
         return v
 
     @field_validator("device")

@@ -58,6 +58,7 @@ SCHEMA = pa.schema(
         ("grid_version", pa.string()),  # orchestrator.spec.GRID_VERSION: what a cell key covers
         ("timestamp", pa.float64()),
         ("note", pa.string()),  # why a row failed, or what was special about it
+        ("protocol", pa.string()),  # how the evaluation was made, in words (seqlen and windows, documents)
     ]
 )
 
@@ -166,16 +167,15 @@ def run_rows(run: dict, *, run_id: str | None = None) -> list[dict]:
     }
     rows = [] if spec["method"] == "dense" else [  # a dense model's evaluation has no prune of its own
         dict(base, task="prune", metric="sparsity_actual", value=run.get("sparsity_actual"), stderr=None, eval_key="")]
+    from orchestrator.evaluate import recorded
+
+    for e in recorded(run):  # every evaluation on record, each with its protocol
+        rows.append(dict(base, task=e["task"], metric=e["metric"], value=e["value"], stderr=e.get("stderr"),
+                         eval_key=e.get("eval_key", ""), protocol=e.get("protocol")))
     info = run.get("eval_data", {})
-    for name, v in run.get("perplexity", {}).items():
-        rows.append(dict(base, task=name, metric="perplexity", value=v, stderr=None,
-                         eval_key=info.get(name, {}).get("eval_key", "")))
     for name, v in run.get("perplexity_dense", {}).items():
         rows.append(dict(base, task=name, metric="perplexity_dense", value=v, stderr=None,
                          eval_key=info.get(name, {}).get("eval_key", "")))
-    for r in run.get("zeroshot", []):
-        rows.append(dict(base, task=r["task"], metric=r["metric"], value=r["value"], stderr=r.get("stderr"),
-                         eval_key=r.get("eval_key", "")))
     return rows
 
 

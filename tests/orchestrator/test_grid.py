@@ -109,10 +109,13 @@ def test_tiny_grid_end_to_end_then_resume_after_kill(tmp_path, tiny_dirs, shared
     import pandas as pd
 
     assert len(pd.read_parquet(store)) == len(rows)
-    # 3) a third run does nothing
+    # 3) a third run does nothing: no cell is pruned or evaluated again
     before = len(rows)
-    run_grid(g, store, data_dir=str(shared_data), num_cpus=2)
+    seen = set()
+    run_grid(g, store, data_dir=str(shared_data), num_cpus=2,
+             on_update=lambda states: seen.update(s.status for s in states.values()))
     assert read_store(store).table.num_rows == before
+    assert seen == {"done"}, seen
     # 4) the report has the paper's tables and plots
     files = build_report(store, tmp_path / "report")
     names = {p.name for ps in files.values() for p in ps}

@@ -184,10 +184,14 @@ def check_folder(location: str | os.PathLike, field: str) -> None:
     from neuroal.errors import NeuroalError
 
     out = Path(location)
-    if out.exists() and not out.is_dir():
-        raise NeuroalError(f"{field}: {out} is a file; allowed: a folder")
-    base = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    try:  # a real try: root passes every permission check, and read-only filesystems refuse root too
+    if out.exists():
+        if not out.is_dir():
+            raise NeuroalError(f"{field}: {out} is a file; allowed: a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise NeuroalError(f"{field}: {out} is not a writable folder; choose a folder you can write")
+        return
+    base = next(p for p in out.absolute().parents if p.exists())
+    try:  # a real try (root passes permission checks, yet /proc or a read-only mount refuse it)
         os.rmdir(tempfile.mkdtemp(prefix=".neuroal-check-", dir=base))
     except OSError as exc:
         raise NeuroalError(f"{field}: cannot create {out} ({base} is not a writable folder: {exc.strerror}); "

@@ -24,6 +24,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed 
 console = Console(stderr=True)
 
 
+ZEROSHOT_HELP = ("comma list of lm-eval task, group or tag names (any the installed lm-eval knows, e.g. "
+                 "arc_easy,piqa,mmlu,gsm8k; offline: rte,winogrande,boolq,hellaswag,arc_easy,arc_challenge,"
+                 "openbookqa with --data-dir, or your own with --zeroshot-include)")
+INCLUDE_HELP = "folder of your own lm-eval task YAMLs (lm-eval's --include_path); their names join --zeroshot"
+FEWSHOT_HELP = "examples per zero-shot prompt (lm-eval's --num_fewshot; a task whose YAML says 0 stays 0)"
+
+
 def _fail(exc: Exception) -> None:
     from rich.markup import escape
 
@@ -127,8 +134,10 @@ def prune(
     eval: str = typer.Option("", help="comma list of wikitext2,c4,ptb or files"),
     eval_dense: bool = typer.Option(False, help="also evaluate the dense model first"),
     eval_windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (default: all)"),
-    zeroshot: str = typer.Option("", help="comma list of lm-eval tasks: rte,winogrande,boolq,hellaswag,arc_easy,..."),
+    zeroshot: str = typer.Option("", help=ZEROSHOT_HELP),
     zeroshot_limit: Optional[int] = typer.Option(None, help="documents per zero-shot task (default: all)"),
+    zeroshot_include: Optional[str] = typer.Option(None, help=INCLUDE_HELP),
+    num_fewshot: int = typer.Option(0, help=FEWSHOT_HELP),
     data_dir: Optional[str] = typer.Option(None, help="local data folder (default: $NEUROAL_DATA_DIR, else the hub)"),
     out: Optional[str] = typer.Option(None, help="run folder (default runs/<model>-<method>-<top-up>-<s>-<pattern>)"),
     shards: int = typer.Option(1, help="number of shard actors (contiguous block ranges)"),
@@ -156,7 +165,8 @@ def prune(
         spec = build_spec(
             model=model, method=method, top_up=top_up, neuroal_step=neuroal_step, sparsity=sparsity,
             pattern=pattern, granularity=granularity, calibration=calibration, nsamples=nsamples,
-            seqlen=seqlen, seed=seed, eval=eval, eval_dense=eval_dense, eval_windows=eval_windows, zeroshot=zeroshot, zeroshot_limit=zeroshot_limit, data_dir=data_dir, out=out,
+            seqlen=seqlen, seed=seed, eval=eval, eval_dense=eval_dense, eval_windows=eval_windows, zeroshot=zeroshot, zeroshot_limit=zeroshot_limit,
+            zeroshot_include=zeroshot_include, num_fewshot=num_fewshot, data_dir=data_dir, out=out,
             shards=shards, gpu_mem=gpu_mem, offload=offload, address=address or os.environ.get("RAY_ADDRESS"), executor=executor,
             dtype=dtype, device=device, early_stop=early_stop, moe_calibrate_all_experts=moe_calibrate_all_experts,
             neuroal_tie_check=neuroal_tie_check, neuroal_tie_rule=neuroal_tie_rule,
@@ -175,10 +185,12 @@ def prune(
 def eval_(
     model: str = typer.Option(..., help="a run folder (its run.json gains the metrics), a checkpoint folder or hub id"),
     eval: str = typer.Option("", help="comma list of wikitext2,c4,ptb or files"),
-    zeroshot: str = typer.Option("", help="comma list of lm-eval tasks"),
+    zeroshot: str = typer.Option("", help=ZEROSHOT_HELP),
     seqlen: Optional[int] = typer.Option(None, help="tokens per perplexity window (default: the run's, else 2048)"),
     eval_windows: Optional[int] = typer.Option(None, help="evaluate only the first N windows (default: all)"),
     zeroshot_limit: Optional[int] = typer.Option(None, help="documents per zero-shot task (default: all)"),
+    zeroshot_include: Optional[str] = typer.Option(None, help=INCLUDE_HELP),
+    num_fewshot: int = typer.Option(0, help=FEWSHOT_HELP),
     data_dir: Optional[str] = typer.Option(None, help="local data folder (default: $NEUROAL_DATA_DIR, else the hub)"),
     shards: int = typer.Option(1), executor: str = typer.Option("ray"), address: Optional[str] = typer.Option(None),
     dtype: str = typer.Option("auto"), device: str = typer.Option("auto"),
@@ -194,6 +206,7 @@ def eval_(
     try:
         checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, dtype=dtype, device=device,
                              eval_windows=eval_windows, zeroshot_limit=zeroshot_limit,
+                             zeroshot_include=zeroshot_include, num_fewshot=num_fewshot,
                              **({} if seqlen is None else {"seqlen": seqlen}))
         if not checked.eval and not checked.zeroshot:
             raise NeuroalError("--eval/--zeroshot: nothing to evaluate; give at least one dataset or task")
@@ -203,6 +216,7 @@ def eval_(
             seqlen = previous["spec"]["seqlen"] if previous else 2048
         run = evaluate_model(model, perplexity_sets=checked.eval, seqlen=seqlen, windows=eval_windows,
                              zeroshot_tasks=checked.zeroshot, limit=zeroshot_limit, data_dir=data_dir,
+                             num_fewshot=checked.num_fewshot, zeroshot_include=checked.zeroshot_include,
                              executor=executor, shards=shards, dtype=dtype, device=device,
                              address=address or os.environ.get("RAY_ADDRESS"))
         append_run_rows(run, store)
@@ -264,14 +278,15 @@ def grid(
 ):
     """Run a benchmark grid: prune every cell and evaluate it, resumably, into a Parquet store."""
     _setup_logging(False)
-    from orchestrator.grid import done_rows, expand, expected_rows, load_grid, run_grid
+    from orchestrator.grid import cell_done, expand, load_grid, run_grid
+    from orchestrator.store import existing_keys
 
     try:
         fileio.check_folder(store, "--store")
         g = load_grid(spec)
         plan = expand(g, Path(store))
-        have = done_rows(store)
-        todo = [c for c in plan.cells if not expected_rows(c) <= have]
+        have = existing_keys(store)
+        todo = [c for c in plan.cells if not cell_done(c, have)]
         console.print(f"grid {g.name}: {len(plan.cells)} cells ({len(plan.cells) - len(todo)} done), "
                       f"{len(plan.cells) * len(plan.cells[0].evals) if plan.cells else 0} evaluations; "
                       f"{len(plan.skipped)} combinations skipped")

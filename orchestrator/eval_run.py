@@ -14,6 +14,7 @@ import time
 
 from neuroal import fileio
 from neuroal.data import DATA_VERSION, resolve_data_dir
+from neuroal.zeroshot import TaskFolder
 from orchestrator import evaluate
 from orchestrator.outputs import RUN_JSON, read_run, to_json
 from orchestrator.session import open_session
@@ -31,7 +32,8 @@ def open_evaluation_session(location: str, *, executor: str, shards: int, dtype:
 
 
 def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_tasks, limit, data_dir,
-              timings: dict, executor: str, shards: int, dtype: str, device: str, address: str | None) -> dict:
+              timings: dict, executor: str, shards: int, dtype: str, device: str, address: str | None,
+              num_fewshot: int = 0, include: TaskFolder | None = None) -> dict:
     """Perplexity through shards opened for it (zero-shot after, with their devices); zero-shot
     alone opens no shards."""
     if perplexity_sets:
@@ -40,31 +42,35 @@ def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_
         try:
             return evaluate.evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
                                      windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=data_dir,
-                                     timings=timings)
+                                     timings=timings, num_fewshot=num_fewshot, include=include)
         finally:
             session.close()
     t = time.perf_counter()
     rows = evaluate.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
-                                            shards=shards, device=device, address=address)
+                                            shards=shards, device=device, address=address, num_fewshot=num_fewshot,
+                                            include=include)
     timings["zeroshot"] = time.perf_counter() - t
-    keyed = evaluate.keyed_zeroshot(rows, limit)
-    return {"perplexity": {}, "eval_data": {}, "zeroshot": keyed, "evaluations": evaluate.zeroshot_entries(keyed, limit)}
+    keyed = evaluate.keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
+    return {"perplexity": {}, "eval_data": {}, "zeroshot": keyed,
+            "evaluations": evaluate.zeroshot_entries(keyed, limit, num_fewshot=num_fewshot)}
 
 
 def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None,
                          zeroshot_tasks=(), limit: int | None, data_dir=None, executor: str = "ray",
                          shards: int = 1, dtype: str = "auto", device: str = "auto",
-                         address: str | None = None) -> tuple[dict, bool]:
+                         address: str | None = None, num_fewshot: int = 0,
+                         zeroshot_include: str | None = None) -> tuple[dict, bool]:
     """`run` (the run.json at `location`) with the requested evaluations it lacks; (run, changed)."""
+    include = evaluate.task_folder(zeroshot_include) if zeroshot_tasks else None
     ppl, zs = evaluate.missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
-                               zeroshot_tasks=zeroshot_tasks, limit=limit)
+                               zeroshot_tasks=zeroshot_tasks, limit=limit, num_fewshot=num_fewshot, include=include)
     if not ppl and not zs:
         return run, False
     logger.info("%s: computing %s (the pruned checkpoint is kept)", location, ", ".join(ppl + zs))
     timings: dict[str, float] = {}
     new = _evaluate(location, perplexity_sets=ppl, seqlen=seqlen, windows=windows, zeroshot_tasks=zs, limit=limit,
                     data_dir=resolve_data_dir(data_dir), timings=timings, executor=executor, shards=shards,
-                    dtype=dtype, device=device, address=address)
+                    dtype=dtype, device=device, address=address, num_fewshot=num_fewshot, include=include)
     merged = evaluate.merge(run, new)
     merged["timings_s"] = {**run.get("timings_s", {}), **{f"re{k}": round(v, 3) for k, v in timings.items()}}
     fileio.write_text(fileio.join(location, RUN_JSON), to_json(merged))
@@ -73,7 +79,8 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
 
 def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, windows: int | None = None,
                    zeroshot_tasks=(), limit: int | None = None, data_dir=None, executor: str = "ray", shards: int = 1,
-                   dtype: str = "auto", device: str = "auto", address: str | None = None) -> dict:
+                   dtype: str = "auto", device: str = "auto", address: str | None = None, num_fewshot: int = 0,
+                   zeroshot_include: str | None = None) -> dict:
     """Evaluate a run folder (its run.json gains the metrics) or any model (a hub id, a checkpoint).
 
     Returns a run.json-shaped record; for a model that is not a run folder its `cell_key` is
@@ -84,7 +91,8 @@ def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, window
         run, _ = complete_evaluations(previous, model, perplexity_sets=perplexity_sets, seqlen=seqlen,
                                       windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit,
                                       data_dir=data_dir, executor=executor, shards=shards, dtype=dtype,
-                                      device=device, address=address)
+                                      device=device, address=address, num_fewshot=num_fewshot,
+                                      zeroshot_include=zeroshot_include)
         return run
     dense = {"spec": {"model": model, "method": "dense", "top_up": "none", "pattern": "dense", "seed": 0,
                       "calibration": "", "seqlen": seqlen},
@@ -95,6 +103,7 @@ def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, window
     t = time.perf_counter()
     new = _evaluate(model, perplexity_sets=list(perplexity_sets), seqlen=seqlen, windows=windows,
                     zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=resolve_data_dir(data_dir), timings=timings,
-                    executor=executor, shards=shards, dtype=dtype, device=device, address=address)
+                    executor=executor, shards=shards, dtype=dtype, device=device, address=address,
+                    num_fewshot=num_fewshot, include=evaluate.task_folder(zeroshot_include) if zeroshot_tasks else None)
     timings["total"] = time.perf_counter() - t
     return {**evaluate.merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}

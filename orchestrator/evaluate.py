@@ -1,7 +1,16 @@
-"""Evaluation where the model is: perplexity streamed through the shard chain, zero-shot via lm-eval."""
+"""Evaluation where the model is: perplexity streamed through the shard chain, zero-shot via lm-eval.
+
+Zero-shot runs any task, group or tag lm-eval knows, the user's own task YAMLs (`--zeroshot-include`)
+and few-shot prompts (`--num-fewshot`), in process or as a Ray task. The include folder is read once
+on the driver into a `TaskFolder` whose YAML and `.py` hook files travel with the Ray task: a worker
+that cannot read the folder (another node) writes them to a temporary folder and runs from there.
+Data files the YAMLs name (`dataset_kwargs: data_files:`) are read where the task runs: give them as
+absolute paths on storage every node sees, as `--data-dir` is.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -11,6 +20,7 @@ from pathlib import Path
 from neuroal import fileio
 from neuroal.data import perplexity_tokens, perplexity_windows
 from neuroal.errors import NeuroalError
+from neuroal.zeroshot import TaskFolder
 from orchestrator.pipeline import block_major
 from orchestrator.session import Session
 from orchestrator.shard import Shard
@@ -87,7 +97,8 @@ def _block_major_nll(chain, chunks) -> list:
 
 
 def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None = None,
-             zeroshot_tasks=(), limit: int | None = None, data_dir=None, timings: dict | None = None) -> dict:
+             zeroshot_tasks=(), limit: int | None = None, data_dir=None, timings: dict | None = None,
+             num_fewshot: int = 0, include: TaskFolder | None = None) -> dict:
     """Perplexities through the session's shards and zero-shot tasks on the checkpoint at `location`.
 
     Returns {"perplexity": {name: value}, "eval_data": {name: info}, "zeroshot": [rows],
@@ -111,26 +122,30 @@ def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int
     timings["eval"] = timings.get("eval", 0.0) + time.perf_counter() - t
     if zeroshot_tasks:
         t = time.perf_counter()
-        rows = zeroshot_where_the_gpus_are(session, location, list(zeroshot_tasks), data_dir, limit)
-        out["zeroshot"] = keyed_zeroshot(rows, limit)
-        out["evaluations"] += zeroshot_entries(out["zeroshot"], limit)
+        rows = zeroshot_where_the_gpus_are(session, location, list(zeroshot_tasks), data_dir, limit,
+                                           num_fewshot=num_fewshot, include=include)
+        out["zeroshot"] = keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
+        out["evaluations"] += zeroshot_entries(out["zeroshot"], limit, num_fewshot=num_fewshot)
         timings["zeroshot"] = timings.get("zeroshot", 0.0) + time.perf_counter() - t
     return out
 
 
 def protocol(*, seqlen: int | None = None, windows: int | None = None, windows_available: int | None = None,
-             limit: int | None = None, n_docs: int | None = None) -> str:
+             limit: int | None = None, n_docs: int | None = None, num_fewshot: int = 0) -> str:
     """How an evaluation was made, in words (run.json, the store, the summary and the report).
 
     >>> protocol(seqlen=256, windows=16, windows_available=1234)
     'seqlen 256, 16 of 1234 windows'
     >>> protocol(limit=100, n_docs=100)
     '100 documents (--zeroshot-limit 100)'
+    >>> protocol(n_docs=20, num_fewshot=2)
+    '20 documents (all), 2-shot'
     """
     if seqlen is not None:
         part = "all" if windows == windows_available else f"{windows} of"
         return f"seqlen {seqlen}, {part} {windows_available} windows"
-    return f"{n_docs} documents" + (f" (--zeroshot-limit {limit})" if limit is not None else " (all)")
+    shots = f", {num_fewshot}-shot" if num_fewshot else ""
+    return f"{n_docs} documents" + (f" (--zeroshot-limit {limit})" if limit is not None else " (all)") + shots
 
 
 def perplexity_entry(name: str, value: float, info: dict) -> dict:
@@ -142,16 +157,31 @@ def perplexity_entry(name: str, value: float, info: dict) -> dict:
             "protocol": protocol(seqlen=info["seqlen"], windows=info["windows"], windows_available=available)}
 
 
-def zeroshot_entries(rows: list[dict], limit: int | None) -> list[dict]:
-    return [dict(r, kind="zeroshot", limit=limit, protocol=protocol(limit=limit, n_docs=r.get("n_docs")))
-            for r in rows]
+def zeroshot_entries(rows: list[dict], limit: int | None, *, num_fewshot: int = 0) -> list[dict]:
+    """Keyed zero-shot rows as `run.json["evaluations"]` keeps them: with the limit, shots and protocol."""
+    return [dict(r, kind="zeroshot", limit=limit, num_fewshot=num_fewshot,
+                 protocol=protocol(limit=limit, n_docs=r.get("n_docs"), num_fewshot=num_fewshot)) for r in rows]
 
 
-def keyed_zeroshot(rows: list[dict], limit: int | None) -> list[dict]:
-    """Zero-shot rows with their `eval_key` (the store never mixes evaluations made differently)."""
+def zeroshot_key(name: str, limit: int | None, *, num_fewshot: int = 0, include: TaskFolder | None = None) -> str:
+    """The eval key of zero-shot task (or group) `name`: its limit, shots, and, for a task of the
+    user's folder, the digest of that folder's definitions."""
     from orchestrator.spec import eval_key
 
-    return [dict(r, eval_key=eval_key("zeroshot", r["task"], limit=limit)) for r in rows]
+    definitions = include.digest if include is not None and name in include.names else None
+    return eval_key("zeroshot", name, limit=limit, num_fewshot=num_fewshot, definitions=definitions)
+
+
+def keyed_zeroshot(rows: list[dict], limit: int | None, *, num_fewshot: int = 0,
+                   include: TaskFolder | None = None) -> list[dict]:
+    """Zero-shot rows with their `eval_key` (the store never mixes evaluations made differently).
+
+    A row is keyed by the name asked for (`request`: a group's subtasks carry the group's key), so
+    whether a requested name was evaluated is one key lookup; a task asked by name keeps the key it
+    always had.
+    """
+    return [dict(r, eval_key=zeroshot_key(r.get("request", r["task"]), limit, num_fewshot=num_fewshot,
+                                          include=include)) for r in rows]
 
 
 def recorded(run: dict) -> list[dict]:
@@ -164,13 +194,17 @@ def recorded(run: dict) -> list[dict]:
     return entries + [dict(r, kind="zeroshot", protocol=protocol(n_docs=r.get("n_docs"))) for r in run.get("zeroshot", [])]
 
 
-def missing(run: dict, *, perplexity_sets, seqlen, windows, zeroshot_tasks, limit) -> tuple[list, list]:
+def missing(run: dict, *, perplexity_sets, seqlen, windows, zeroshot_tasks, limit, num_fewshot: int = 0,
+            include: TaskFolder | None = None) -> tuple[list, list]:
     """The requested evaluations a run.json does not hold yet (made the same way)."""
     from orchestrator.spec import eval_key
 
-    have = {(e["task"], e["eval_key"]) for e in recorded(run)}
+    entries = recorded(run)
+    have = {(e["task"], e["eval_key"]) for e in entries}
+    zeroshot_keys = {e["eval_key"] for e in entries if e["kind"] == "zeroshot"}
     ppl = [n for n in perplexity_sets if (n, eval_key("perplexity", n, seqlen=seqlen, windows=windows)) not in have]
-    zs = [t for t in zeroshot_tasks if (t, eval_key("zeroshot", t, limit=limit)) not in have]
+    zs = [t for t in zeroshot_tasks
+          if zeroshot_key(t, limit, num_fewshot=num_fewshot, include=include) not in zeroshot_keys]
     return ppl, zs
 
 
@@ -204,7 +238,7 @@ def merge(run: dict, new: dict) -> dict:
     out["perplexity"] = {task: e["value"] for task, e in ppl.items()}
     out["eval_data"] = {task: {k: v for k, v in e.items() if k in _INFO} for task, e in ppl.items()}
     keys = {task: e["eval_key"] for (kind, task), e in best.items() if kind == "zeroshot"}
-    out["zeroshot"] = [{k: v for k, v in e.items() if k not in ("kind", "limit", "protocol")} for e in entries
+    out["zeroshot"] = [{k: v for k, v in e.items() if k not in ("kind", "limit", "num_fewshot", "protocol")} for e in entries
                        if e["kind"] == "zeroshot" and keys.get(e["task"]) == e["eval_key"]]
     return out
 
@@ -222,10 +256,38 @@ def local_checkpoint(location: str) -> tuple[Path, object]:
     return Path(tmp.name), tmp
 
 
-def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto") -> list[dict]:
-    """lm-eval zero-shot tasks on a saved checkpoint, loaded the way users load it, on `device`.
+def task_folder(path: str | None) -> TaskFolder | None:
+    """The user's task folder (`--zeroshot-include`) read on the driver, or None."""
+    from neuroal.zeroshot import read_task_folder
 
-    On CUDA the model is spread over this process's GPUs (`device_map="auto"`).
+    return None if path is None else read_task_folder(path, field="--zeroshot-include")
+
+
+@contextlib.contextmanager
+def task_folder_here(folder: TaskFolder | None):
+    """A local path holding `folder`'s definitions: the folder itself when this machine reads the same
+    files there (the driver's), else a temporary copy written from the ones that came with the task."""
+    from neuroal.zeroshot import read_task_folder, write_task_folder
+
+    if folder is None:
+        yield None
+        return
+    try:
+        if read_task_folder(folder.path).digest == folder.digest:
+            yield folder.path
+            return
+    except NeuroalError:
+        pass  # not here, or not the same: the shipped copy
+    with tempfile.TemporaryDirectory(prefix="neuroal-tasks-") as tmp:
+        yield str(write_task_folder(folder, Path(tmp)))
+
+
+def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto", *, num_fewshot: int = 0,
+             include: TaskFolder | None = None) -> list[dict]:
+    """lm-eval tasks on a saved checkpoint, loaded the way users load it, on `device`.
+
+    On CUDA the model is spread over this process's GPUs (`device_map="auto"`). Returns one dict per
+    (task, metric): task, metric, value, stderr, n_docs and the name it was requested under.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -238,8 +300,10 @@ def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto") -> lis
         dev = resolve_device(device)
         kw = {"device_map": "auto"} if dev.type == "cuda" else {}
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype("auto", dev), **kw)
-        results = evaluate_zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks),
-                                    data_dir=resolve_data_dir(data_dir), limit=limit, device=str(dev))
+        with task_folder_here(include) as include_path:
+            results = evaluate_zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks),
+                                        data_dir=resolve_data_dir(data_dir), limit=limit, device=str(dev),
+                                        num_fewshot=num_fewshot, include_path=include_path)
     except Exception as exc:
         if transient(exc):
             raise TransientError(f"out of memory in zero-shot evaluation of {location}: {exc}") from exc
@@ -247,8 +311,8 @@ def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto") -> lis
     finally:
         if cleanup is not None:
             cleanup.cleanup()
-    return [{"task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "n_docs": r.n_docs}
-            for r in results]
+    return [{"task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "n_docs": r.n_docs,
+             "request": r.request} for r in results]
 
 
 def zeroshot_resources(placement, n_shards: int, node: dict) -> dict:
@@ -269,19 +333,21 @@ def torch_threads_of_task() -> int | None:
     return cpus if cpus >= 1 else None
 
 
-def _zeroshot_task(location: str, tasks, data_dir, limit) -> list[dict]:
+def _zeroshot_task(location: str, tasks, data_dir, limit, num_fewshot: int = 0,
+                   include: TaskFolder | None = None) -> list[dict]:
     import torch
 
     before, threads = torch.get_num_threads(), torch_threads_of_task()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return zeroshot(location, tasks, data_dir, limit)
+        return zeroshot(location, tasks, data_dir, limit, num_fewshot=num_fewshot, include=include)
     finally:
         torch.set_num_threads(before)  # the worker process may serve other tasks
 
 
-def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir, limit) -> list[dict]:
+def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir, limit, *, num_fewshot: int = 0,
+                                include: TaskFolder | None = None) -> list[dict]:
     """Zero-shot on the checkpoint: in process for an in-process run, else a Ray task with the GPUs
     and CPUs the shards had (never the whole model inside the driver).
 
@@ -292,17 +358,19 @@ def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir
     """
     placement = getattr(session.chain, "placement", None)
     if placement is None:
-        return zeroshot(location, tasks, data_dir, limit)
+        return zeroshot(location, tasks, data_dir, limit, num_fewshot=num_fewshot, include=include)
     session.release_devices()
-    return zeroshot_on_ray(placement, session.chain.n_shards, location, tasks, data_dir, limit)
+    return zeroshot_on_ray(placement, session.chain.n_shards, location, tasks, data_dir, limit,
+                           num_fewshot=num_fewshot, include=include)
 
 
 def zeroshot_without_shards(location: str, tasks, data_dir, limit, *, executor: str, shards: int, device: str,
-                            address: str | None) -> list[dict]:
+                            address: str | None, num_fewshot: int = 0,
+                            include: TaskFolder | None = None) -> list[dict]:
     """Zero-shot when nothing else is evaluated: no shard actor loads the model only to hand its
     devices over; the Ray task gets what `shards` actors would hold (`place_shards`)."""
     if executor == "local":
-        return zeroshot(location, tasks, data_dir, limit, device)
+        return zeroshot(location, tasks, data_dir, limit, device, num_fewshot=num_fewshot, include=include)
     import ray
 
     from orchestrator.placement import place_shards
@@ -310,15 +378,18 @@ def zeroshot_without_shards(location: str, tasks, data_dir, limit, *, executor: 
 
     started = ensure_ray(address, os.cpu_count())
     try:
-        return zeroshot_on_ray(place_shards(shards, device), shards, location, tasks, data_dir, limit)
+        return zeroshot_on_ray(place_shards(shards, device), shards, location, tasks, data_dir, limit,
+                               num_fewshot=num_fewshot, include=include)
     finally:
         if started:
             ray.shutdown()
 
 
-def zeroshot_on_ray(placement, n_shards: int, location: str, tasks, data_dir, limit) -> list[dict]:
+def zeroshot_on_ray(placement, n_shards: int, location: str, tasks, data_dir, limit, *, num_fewshot: int = 0,
+                    include: TaskFolder | None = None) -> list[dict]:
     """A Ray task with `zeroshot_resources`. A local `location` lives on the driver's machine, so the
-    task is pinned to that node (and its GPUs, if it has any); a storage URI runs on any node."""
+    task is pinned to that node (and its GPUs, if it has any); a storage URI runs on any node. The
+    user's task definitions (`include`) travel with the task by value (`task_folder_here`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -332,4 +403,10 @@ def zeroshot_on_ray(placement, n_shards: int, location: str, tasks, data_dir, li
         opts = dict(zeroshot_resources(placement, n_shards, node["Resources"]),
                     scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
     task = ray.remote(_zeroshot_task).options(max_retries=2, retry_exceptions=[TransientError], **opts)
-    return ray.get(task.remote(location, list(tasks), None if data_dir is None else str(data_dir), limit))
+    try:
+        return ray.get(task.remote(location, list(tasks), None if data_dir is None else str(data_dir), limit,
+                                   num_fewshot, include))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, NeuroalError):  # one line, as in process (not the worker's traceback)
+            raise exc.cause from None
+        raise

@@ -6,7 +6,9 @@ registries), with an optional `include:` base file like lm-eval task YAMLs. `neu
 
 - each cell is a Ray task that prunes (in its worker, or through shard actors for big models) into
   `DIR/_runs/<cell key>/` (the leading underscore keeps `pd.read_parquet(DIR)` on the rows alone);
-- each evaluation (a perplexity dataset, a zero-shot task) is a Ray task on the pruned checkpoint;
+- each evaluation (a perplexity dataset, a zero-shot task or group) is a Ray task on the pruned
+  checkpoint; `tasks.zeroshot` takes any name lm-eval knows, and those of the grid's `zeroshot_include`
+  folder (relative to the grid file), whose task files travel with the tasks;
 - cells and tasks run concurrently up to what the cluster holds (explicit resources per task);
   transient failures are retried (`max_retries`, `retry_exceptions`), and failures are recorded;
 - every metric is a row in the Parquet store (written by the driver only); a rerun skips rows that
@@ -23,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neuroal.allocation import ALLOCATORS
 from neuroal.data import DATA_VERSION, DATASETS
 from neuroal.errors import SpecError
 from neuroal.methods import METHODS, parse_pattern
-from neuroal.zeroshot import TASKS as ZEROSHOT_TASKS
-from orchestrator.evaluate import TransientError, transient
-from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec, first_error
+from neuroal.zeroshot import TaskFolder, check_tasks
+from orchestrator.evaluate import TransientError, keyed_zeroshot, task_folder, transient, zeroshot_key
+from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec, first_error, zeroshot_folder
 
 logger = logging.getLogger(__name__)
 RUNS_DIR = "_runs"  # cell run folders inside the store; pyarrow skips "_" paths when reading rows
@@ -41,7 +43,7 @@ class Tasks(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     perplexity: list[str] = Field(default_factory=lambda: ["wikitext2"])
-    zeroshot: list[str] = Field(default_factory=list)
+    zeroshot: list[str] = Field(default_factory=list)  # lm-eval names, checked by the Grid (with its include folder)
 
     @field_validator("perplexity")
     @classmethod
@@ -49,14 +51,6 @@ class Tasks(BaseModel):
         for name in v:
             if name not in DATASETS and "." not in name:
                 raise SpecError("tasks.perplexity", name, list(DATASETS) + ["a .txt/.jsonl/.parquet file"])
-        return v
-
-    @field_validator("zeroshot")
-    @classmethod
-    def _zs(cls, v):
-        for name in v:
-            if name not in ZEROSHOT_TASKS:
-                raise SpecError("tasks.zeroshot", name, ZEROSHOT_TASKS)
         return v
 
 
@@ -91,6 +85,8 @@ class Grid(BaseModel):
     tasks: Tasks = Field(default_factory=Tasks)
     eval_windows: int | None = None
     zeroshot_limit: int | None = None
+    zeroshot_include: str | None = None  # a folder of the user's lm-eval task YAMLs, relative to the grid file
+    num_fewshot: int = 0  # examples per zero-shot prompt (lm-eval's --num_fewshot)
     prune: dict[str, Any] = Field(default_factory=dict)  # any other PruneSpec field, for every cell
     resources: Resources = Field(default_factory=Resources)
 
@@ -117,11 +113,29 @@ class Grid(BaseModel):
                 raise SpecError("sparsities", s, "fractions strictly between 0 and 1")
         return v
 
+    @field_validator("zeroshot_include")
+    @classmethod
+    def _zeroshot_include(cls, v):
+        return None if v is None else zeroshot_folder(v, "zeroshot_include")
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _num_fewshot(cls, v):
+        if v < 0:
+            raise SpecError("num_fewshot", v, "a non-negative integer")
+        return v
+
+    @model_validator(mode="after")
+    def _zeroshot(self):
+        if self.tasks.zeroshot:
+            check_tasks(self.tasks.zeroshot, self.zeroshot_include, field="tasks.zeroshot")
+        return self
+
     @field_validator("prune")
     @classmethod
     def _prune(cls, v):
         reserved = {"model", "method", "top_up", "sparsity", "pattern", "seed", "calibration", "nsamples", "seqlen",
-                    "eval", "out", "eval_windows", "zeroshot", "zeroshot_limit"}
+                    "eval", "out", "eval_windows", "zeroshot", "zeroshot_limit", "zeroshot_include", "num_fewshot"}
         for key in v:
             if key in reserved:
                 raise SpecError(f"prune.{key}", v[key], "set it at the top level of the grid")
@@ -148,6 +162,8 @@ def load_grid(path: str | Path) -> Grid:
         raise SpecError("grid", str(path), f"valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise SpecError("grid", str(path), "a YAML mapping of grid keys")
+    if isinstance(raw.get("zeroshot_include"), str):  # relative to the file that names it
+        raw["zeroshot_include"] = str(path.parent / Path(raw["zeroshot_include"]).expanduser())
     if "include" in raw:
         base = load_grid(path.parent / raw.pop("include")).model_dump(exclude_unset=True)
         raw = _deep_merge(base, raw)
@@ -170,6 +186,8 @@ class Cell:
     key: str
     evals: list[tuple[str, str]]  # ("perplexity", dataset) | ("zeroshot", task)
     label: str = ""
+    zeroshot_keys: dict[str, str] = field(default_factory=dict)  # zero-shot task -> the eval key its rows carry
+    plain_zeroshot: frozenset[str] = frozenset()  # 0-shot stock tasks: a grid's rows from before eval keys count
 
 
 @dataclass
@@ -183,6 +201,11 @@ def expand(grid: Grid, store: Path) -> GridCells:
     plan = GridCells(cells=[])
     seen = set()
     evals = [("perplexity", d) for d in grid.tasks.perplexity] + [("zeroshot", t) for t in grid.tasks.zeroshot]
+    include = task_folder(grid.zeroshot_include) if grid.tasks.zeroshot else None
+    keys = {t: zeroshot_key(t, grid.zeroshot_limit, num_fewshot=grid.num_fewshot, include=include)
+            for t in grid.tasks.zeroshot}
+    plain = frozenset(t for t in grid.tasks.zeroshot
+                      if grid.num_fewshot == 0 and (include is None or t not in include.names))
     for model, method, top_up, sparsity, pattern, seed in itertools.product(
         grid.models, grid.methods, grid.top_ups, grid.sparsities, grid.patterns, grid.seeds
     ):
@@ -203,24 +226,41 @@ def expand(grid: Grid, store: Path) -> GridCells:
             continue
         seen.add(key)
         spec = spec.model_copy(update={"out": str(store / RUNS_DIR / key)})
-        plan.cells.append(Cell(spec, key, evals, label))
+        plan.cells.append(Cell(spec, key, evals, label, keys, plain))
     return plan
 
 
 def expected_rows(cell: Cell) -> set[tuple[str, str, str]]:
-    """The (cell_key, task, metric) rows a finished cell has (zero-shot: at least `acc`)."""
+    """The (cell_key, task, metric) rows a finished cell has whatever its tasks report: the prune's and
+    each perplexity's (a zero-shot task's metrics are lm-eval's: `evaluations_left` looks for its key)."""
     rows = {(cell.key, "prune", "sparsity_actual")}
-    for kind, name in cell.evals:
-        rows.add((cell.key, name, "perplexity" if kind == "perplexity" else "acc"))
+    rows.update((cell.key, name, "perplexity") for kind, name in cell.evals if kind == "perplexity")
     return rows
 
 
-def done_rows(store) -> set[tuple[str, str, str]]:
-    """The (cell_key, task, metric) of every row in `store`, the form `expected_rows` is compared with
-    (the store's keys also hold the evaluation's key)."""
-    from orchestrator.store import existing_keys
+def evaluations_left(cell: Cell, have: set[tuple[str, str, str, str]]) -> list[tuple[str, str]]:
+    """The evaluations of `cell` the store lacks; `have` is its (cell_key, eval_key, task, metric) rows.
 
-    return {(cell, task, metric) for cell, _, task, metric in existing_keys(store)}
+    A perplexity is done with its row; a zero-shot task (or group) with any row of its eval key, or,
+    for a 0-shot stock task, the `acc` row an older grid wrote without a key.
+    """
+    mine = {(k, t, m) for c, k, t, m in have if c == cell.key}
+    keys = {k for k, _, _ in mine}
+    left = []
+    for kind, name in cell.evals:
+        if kind == "perplexity":
+            done = any(t == name and m == "perplexity" for _, t, m in mine)
+        else:
+            done = cell.zeroshot_keys[name] in keys or (name in cell.plain_zeroshot and ("", name, "acc") in mine)
+        if not done:
+            left.append((kind, name))
+    return left
+
+
+def cell_done(cell: Cell, have: set[tuple[str, str, str, str]]) -> bool:
+    """The store holds the cell's prune row and every evaluation it asks for."""
+    pruned = any(c == cell.key and t == "prune" and m == "sparsity_actual" for c, _, t, m in have)
+    return pruned and not evaluations_left(cell, have)
 
 
 # ---------------------------------------------------------------- work done inside Ray tasks
@@ -242,15 +282,17 @@ def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
 
 
 def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | None, eval_windows: int | None,
-              zeroshot_limit: int | None) -> list[dict]:
-    """Ray task: one evaluation of a pruned checkpoint on the devices Ray gave it; returns metric dicts."""
+              zeroshot_limit: int | None, num_fewshot: int = 0, include: TaskFolder | None = None) -> list[dict]:
+    """Ray task: one evaluation of a pruned checkpoint on the devices Ray gave it; returns metric dicts
+    (zero-shot: keyed, `keyed_zeroshot`)."""
     from neuroal.data import resolve_data_dir
     from orchestrator.evaluate import perplexity, zeroshot
     from orchestrator.session import open_session
 
     try:
         if kind == "zeroshot":
-            return zeroshot(run_dir, [name], data_dir, zeroshot_limit)
+            rows = zeroshot(run_dir, [name], data_dir, zeroshot_limit, num_fewshot=num_fewshot, include=include)
+            return keyed_zeroshot(rows, zeroshot_limit, num_fewshot=num_fewshot, include=include)
         session = open_session(run_dir, executor="local", seqlen=seqlen)  # "auto": the task's GPU if any
         try:
             value, info = perplexity(session, name, seqlen, resolve_data_dir(data_dir), max_windows=eval_windows)
@@ -281,12 +323,13 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
     import ray
 
     from orchestrator.ray_chain import ensure_ray
-    from orchestrator.store import append_rows, run_rows
+    from orchestrator.store import append_rows, existing_keys, run_rows
 
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     plan = expand(grid, store)
-    have = done_rows(store)
+    have = existing_keys(store)
+    include = task_folder(grid.zeroshot_include) if grid.tasks.zeroshot else None  # read once, sent with the tasks
     states = {c.key: CellState(c) for c in plan.cells}
     on_update = on_update or (lambda states: None)
 
@@ -298,7 +341,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
 
     pending: dict[Any, tuple[str, str, tuple | None]] = {}  # ref -> (cell key, kind, eval)
     for key, st in states.items():
-        if expected_rows(st.cell) <= have:
+        if cell_done(st.cell, have):
             st.status = "done"
             continue
         st.status = "pruning"
@@ -324,17 +367,16 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
             if kind == "prune":
                 st.run = out
                 append_rows(store, [r for r in run_rows(out) if r["task"] == "prune"])
-                todo = [e for e in st.cell.evals
-                        if (key, e[1], "perplexity" if e[0] == "perplexity" else "acc") not in have]
+                todo = evaluations_left(st.cell, have)
                 st.evals_left = len(todo)
                 st.status = "evaluating" if todo else "done"
                 for e in todo:
                     r = eval_remote.remote(st.cell.spec.out, e[0], e[1], grid.seqlen, data_dir, grid.eval_windows,
-                                           grid.zeroshot_limit)
+                                           grid.zeroshot_limit, grid.num_fewshot, include)
                     pending[r] = (key, "eval", e)
             else:
                 rows = [dict(base, **m, protocol=_protocol(m, grid)) for base in [_base_row(st)] for m in out]
-                append_rows(store, [{k: v for k, v in r.items() if k not in ("info", "n_docs")} for r in rows])
+                append_rows(store, [{k: v for k, v in r.items() if k not in ("info", "n_docs", "request")} for r in rows])
                 st.evals_left -= 1
                 if st.evals_left == 0 and st.status != "failed":
                     st.status = "done"
@@ -350,7 +392,7 @@ def _protocol(metric: dict, grid: Grid) -> str:
 
     info = metric.get("info")
     if info is None:
-        return protocol(limit=grid.zeroshot_limit, n_docs=metric.get("n_docs"))
+        return protocol(limit=grid.zeroshot_limit, n_docs=metric.get("n_docs"), num_fewshot=grid.num_fewshot)
     return protocol(seqlen=grid.seqlen, windows=info["windows"], windows_available=info["windows_available"])
 
 

@@ -2,7 +2,10 @@
 
 Tables, one per model (and pattern):
 - perplexity: rows method × top-up, columns sparsity × dataset; the best (lowest) per column in bold;
-- zero-shot: rows method × top-up, columns sparsity × task plus the mean accuracy; best (highest) bold;
+- zero-shot: rows method × top-up, columns sparsity × task plus the mean accuracy (`acc`, the papers'
+  table); best (highest) bold;
+- other zero-shot metrics: every lm-eval metric of the tasks that report no `acc` (e.g. gsm8k's
+  `exact_match,strict-match`), columns sparsity × task × metric, under lm-eval's own names;
 - chosen λ: the block and row λ of every cell whose top-up searched one (NeuroAL).
 Plots: perplexity vs sparsity per top-up, and accuracy per task.
 """
@@ -24,6 +27,7 @@ from orchestrator.store import read_store  # noqa: E402
 logger = logging.getLogger(__name__)
 
 ACC_METRIC = "acc"
+NOT_ZEROSHOT = ("perplexity", "perplexity_dense", "sparsity_actual", "error")  # the store's other metrics
 
 
 def _md(df: pd.DataFrame, best: str | None, fmt: str) -> str:
@@ -97,6 +101,12 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
             sections += [f"Zero-shot accuracy ({ACC_METRIC}, higher is better)", "", _md(table, "max", ".4f"), ""]
             files["plots"].append(_plot_acc(acc, out / f"zeroshot-{slug}.png", model))
             sections += [f"![zero-shot accuracy per task]({files['plots'][-1].name})", ""]
+        zs = part[(part["task"] != "prune") & ~part["metric"].isin(NOT_ZEROSHOT)]
+        other = zs[~zs["task"].isin(set(acc["task"]))]  # tasks with no `acc`: generation, perplexity-like, ...
+        if len(other):
+            table = _pivot(other, ["sparsity", "task", "metric"])
+            files["tables"] += _write(table, out / f"zeroshot-other-{slug}", best=None, fmt=".4f")
+            sections += ["Other zero-shot metrics (lm-eval's names)", "", _md(table, None, ".4f"), ""]
         lam = part[part["lambda_block"].notna() & (part["task"] == "prune")]  # cells whose top-up chose a λ
         if len(lam):
             t = lam[["method", "top_up", "sparsity", "lambda_block", "lambda_row", "value"]].rename(
@@ -110,7 +120,7 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
     return files
 
 
-def _write(table: pd.DataFrame, stem: Path, best: str, fmt: str) -> list[Path]:
+def _write(table: pd.DataFrame, stem: Path, best: str | None, fmt: str) -> list[Path]:
     csv = stem.with_suffix(".csv")
     table.to_csv(csv)
     md = stem.with_suffix(".md")

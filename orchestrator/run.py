@@ -226,7 +226,8 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
     def evals(location=None, zeroshot=(), times=None):
         return evaluate.evaluate(session, location, perplexity_sets=spec.eval, seqlen=spec.seqlen,
                                  windows=spec.eval_windows, zeroshot_tasks=zeroshot, limit=spec.zeroshot_limit,
-                                 data_dir=data_dir, timings=times)
+                                 data_dir=data_dir, timings=times, num_fewshot=spec.num_fewshot,
+                                 include=evaluate.task_folder(spec.zeroshot_include) if zeroshot else None)
 
     ppl_dense = timed("eval_dense", evals)["perplexity"] if spec.eval_dense else {}
     alloc = timed("allocation", _restore_or_allocate, spec, session, calib, opts, progress, resume_dir)
@@ -295,7 +296,8 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
                                             windows=spec.eval_windows, zeroshot_tasks=spec.zeroshot,
                                             limit=spec.zeroshot_limit, data_dir=spec.data_dir, executor=spec.executor,
                                             shards=spec.shards, dtype=spec.dtype, device=spec.device,
-                                            address=spec.address)
+                                            address=spec.address, num_fewshot=spec.num_fewshot,
+                                            zeroshot_include=spec.zeroshot_include)
         if changed and store is not False:
             from orchestrator.store import append_run_rows
 

@@ -62,8 +62,10 @@ class PruneSpec(BaseModel):
     eval: tuple[str, ...] = ()
     eval_dense: bool = False
     eval_windows: int | None = None  # evaluate only the first N windows (None: all, the papers' protocol)
-    zeroshot: tuple[str, ...] = ()  # lm-eval tasks run on the saved checkpoint
+    zeroshot: tuple[str, ...] = ()  # lm-eval tasks, groups or tags run on the saved checkpoint
     zeroshot_limit: int | None = None
+    zeroshot_include: str | None = None  # a folder of the user's lm-eval task YAMLs (lm-eval's --include_path)
+    num_fewshot: int = 0  # examples per zero-shot prompt (lm-eval's --num_fewshot)
     data_dir: str | None = None
     out: str | None = None
     shards: int = 1
@@ -150,13 +152,27 @@ class PruneSpec(BaseModel):
     @field_validator("zeroshot", mode="before")
     @classmethod
     def _zeroshot(cls, v) -> tuple[str, ...]:
-        from neuroal.zeroshot import TASKS
+        return _name_list(v)  # checked against lm-eval's tasks and --zeroshot-include's with both known
 
-        names = _name_list(v)
-        for name in names:
-            if name not in TASKS:
-                raise SpecError("--zeroshot", name, TASKS)
-        return names
+    @field_validator("zeroshot_include")
+    @classmethod
+    def _zeroshot_include(cls, v: str | None) -> str | None:
+        return None if v is None else zeroshot_folder(v, "--zeroshot-include")
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _num_fewshot(cls, v: int) -> int:
+        if v < 0:
+            raise SpecError("--num-fewshot", v, "a non-negative integer")
+        return v
+
+    @model_validator(mode="after")
+    def _zeroshot_names(self) -> PruneSpec:
+        from neuroal.zeroshot import check_tasks
+
+        if self.zeroshot:
+            check_tasks(self.zeroshot, self.zeroshot_include, field="--zeroshot")
+        return self
 
     @model_validator(mode="after")
     def _combinations(self) -> PruneSpec:
@@ -199,15 +215,37 @@ class PruneSpec(BaseModel):
         return f"runs/{name}-{self.method}-{self.top_up}-{self.effective_sparsity:g}-{self.pattern.replace(':', 'of')}"
 
 
+def zeroshot_folder(path: str, field: str) -> str:
+    """`path` as an absolute folder (what a spec records of --zeroshot-include); SpecError if it is none."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise SpecError(field, path, "a folder of lm-eval task YAMLs")
+    return str(folder.resolve())
+
+
 def eval_key(kind: str, name: str, *, seqlen: int | None = None, windows: int | None = None,
-             limit: int | None = None) -> str:
+             limit: int | None = None, num_fewshot: int = 0, definitions: str | None = None) -> str:
     """The identity of one evaluation (apart from the model's `cell_key`): what was measured, how.
+
+    `num_fewshot` and `definitions` (the digest of the user's task files a zero-shot task came from,
+    `TaskFolder.digest`) join the hash only when set, so the keys of 0-shot stock evaluations (and the
+    stores holding them) stay valid.
 
     >>> eval_key("perplexity", "wikitext2", seqlen=2048) == eval_key("perplexity", "wikitext2", seqlen=2048)
     True
+    >>> eval_key("zeroshot", "arc_easy") == eval_key("zeroshot", "arc_easy", num_fewshot=0)
+    True
+    >>> eval_key("zeroshot", "arc_easy") == eval_key("zeroshot", "arc_easy", num_fewshot=2)
+    False
     """
     payload = {"kind": kind, "name": name, "seqlen": seqlen, "windows": windows, "limit": limit,
                "data_version": DATA_VERSION}
+    if num_fewshot:
+        payload["num_fewshot"] = num_fewshot
+    if definitions:
+        payload["definitions"] = definitions
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

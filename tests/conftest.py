@@ -109,3 +109,141 @@ def smollm2_dir():
     from neuroal.models import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+# ----------------------------------------------------------------------------- a user's own lm-eval tasks
+
+USER_MC_YAML = """\
+# a multiple-choice task over local jsonl files, its prompt from a `!function` hook next to it
+task: colours_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {data}/mc_train.jsonl
+    test: {data}/mc_test.jsonl
+training_split: train
+fewshot_split: train
+test_split: test
+output_type: multiple_choice
+doc_to_text: !function hooks.question
+doc_to_target: label
+doc_to_choice: "{{{{choices}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+USER_GEN_YAML = """\
+# a generation task over local jsonl files: gsm8k-style answer filters, and a metric of the user's own (a hook)
+# that every generated character moves, even a tiny random model's
+task: sums_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {data}/gen_train.jsonl
+    test: {data}/gen_test.jsonl
+training_split: train
+fewshot_split: train
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "Question:"]
+  do_sample: false
+  max_gen_toks: 5
+filter_list:
+  - name: strict-match
+    filter:
+      - function: regex
+        regex_pattern: "^ ?(\\\\d+)"
+      - function: take_first
+  - name: flexible-extract
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(\\\\d+)"
+      - function: take_first
+  - name: whole
+    filter:
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+    ignore_punctuation: true
+  - metric: !function hooks.answer_chars
+    aggregation: mean
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+
+USER_GROUP_YAML = """\
+group: colours_and_sums
+task:
+  - colours_mc
+  - sums_gen
+aggregate_metric_list:
+  - metric: acc
+    weight_by_size: true
+metadata:
+  version: 1.0
+"""
+
+USER_HOOKS = '''\
+def question(doc):
+    return f"Question: {doc['question']}\\nAnswer:"
+
+
+def answer_chars(references, predictions):
+    return float(len(predictions[0]))
+'''
+
+
+def write_user_tasks(root: Path, n_test: int = 20, n_gen: int = 10) -> Path:
+    """A user's task folder as `--zeroshot-include` takes it: a multiple-choice task (`colours_mc`), a
+    generation task (`sums_gen`), a group of both (`colours_and_sums`), over jsonl files in `root/data`."""
+    import json
+    import random
+
+    data, tasks = root / "data", root / "tasks"
+    data.mkdir(parents=True, exist_ok=True)
+    tasks.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    colours = ["red", "green", "blue", "yellow", "black", "white"]
+    facts = [("the sky on a clear day", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"),
+             ("a ripe banana", "yellow"), ("a ripe tomato", "red"), ("fresh blood", "red"), ("a lemon", "yellow"),
+             ("the night sky", "black"), ("milk", "white"), ("a leaf in summer", "green"), ("the sea", "blue")]
+
+    def mc(i):
+        thing, answer = facts[i % len(facts)]
+        choices = rng.sample([c for c in colours if c != answer], 3) + [answer]
+        rng.shuffle(choices)
+        return {"question": f"What colour is {thing}?", "choices": choices, "label": choices.index(answer)}
+
+    def gen(_):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        return {"question": f"What is {a} plus {b}?", "answer": str(a + b)}
+
+    for name, make, n in (("mc", mc, n_test), ("gen", gen, n_gen)):
+        for split, k, start in (("train", 8, 100), ("test", n, 0)):
+            with open(data / f"{name}_{split}.jsonl", "w") as f:
+                f.writelines(json.dumps(make(start + i)) + "\n" for i in range(k))
+    (tasks / "colours_mc.yaml").write_text(USER_MC_YAML.format(data=data))
+    (tasks / "sums_gen.yaml").write_text(USER_GEN_YAML.format(data=data))
+    (tasks / "colours_and_sums.yaml").write_text(USER_GROUP_YAML)
+    (tasks / "hooks.py").write_text(USER_HOOKS)
+    return tasks
+
+
+@pytest.fixture(scope="session")
+def user_tasks(tmp_path_factory) -> Path:
+    return write_user_tasks(tmp_path_factory.mktemp("user-tasks"))

@@ -76,3 +76,22 @@ def test_zeroshot_resources_by_hand():
     cpu = Placement({"CPU": 2}, (1, 1, 1), "cpu", 2)
     assert zeroshot_resources(cpu, 3, {"CPU": 2}) == {"num_gpus": 0, "num_cpus": 2}  # one node's CPUs at most
     assert zeroshot_resources(cpu, 3, {"CPU": 0}) == {"num_gpus": 0, "num_cpus": 0}  # a head with no CPUs
+
+
+def test_the_users_tasks_run_in_the_ray_task_from_the_copy_sent_with_it(one_gpu_node, tiny_dirs, user_tasks):
+    """--zeroshot-include on Ray: a worker that cannot read the driver's folder (another node; here a path
+    that does not exist) runs the YAMLs and hooks sent with the task, and gets what the driver gets."""
+    import dataclasses
+
+    from orchestrator import evaluate
+
+    folder = evaluate.task_folder(str(user_tasks))
+    elsewhere = dataclasses.replace(folder, path="/nonexistent/tasks")
+    kw = dict(shards=1, device="cpu", address=None, num_fewshot=1)
+    tasks = ["colours_mc", "sums_gen"]
+    on_ray = evaluate.zeroshot_without_shards(str(tiny_dirs["llama"]), tasks, None, 4, executor="ray",
+                                              include=elsewhere, **kw)
+    here = evaluate.zeroshot_without_shards(str(tiny_dirs["llama"]), tasks, None, 4, executor="local", include=folder,
+                                            **kw)
+    assert on_ray == here
+    assert {r["metric"] for r in on_ray} >= {"acc", "acc_norm", "exact_match,strict-match", "answer_chars,whole"}

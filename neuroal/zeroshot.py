@@ -16,8 +16,8 @@ The model (an already loaded transformers causal LM) is wrapped in lm-eval's `HF
 
 Scoring: loglikelihood (multiple-choice) requests go through `PackedHFLM` (each context once with all
 its continuations; the numbers stock HFLM computes). `generate_until` and `loglikelihood_rolling`
-requests run stock HFLM's own code: `PackedHFLM` overrides neither method, and the rolling windows
-reach `_loglikelihood_tokens` with `override_bs`, which takes the stock path.
+requests run stock HFLM's own code: `PackedHFLM` inherits both (its wrappers only hide their progress
+bars), and the rolling windows reach `_loglikelihood_tokens` with `override_bs`, the stock path.
 
 Results keep lm-eval's names: one `ZeroShotResult` per (task, metric with its filter), the metric
 written as lm-eval keys it without the ",none" filter (`acc`, `acc_norm`, `exact_match,strict-match`,

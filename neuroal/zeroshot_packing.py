@@ -117,15 +117,24 @@ def packed_lm_class():
         Why: a multiple-choice document sends k requests with one context; stock HFLM runs the
         context k times and the 49k-word lm_head + log_softmax over every padded position. Here each
         context runs once with its k continuations in one row, and lm_head only sees the positions
-        that are scored. Requests that stock HFLM would left-truncate, rolling-loglikelihood windows,
-        `batch_size="auto"` and models outside `PACKABLE_MODEL_TYPES` take the stock path unchanged;
-        `simple_evaluate`, the task YAMLs, metrics and stderr are all stock lm-eval.
+        that are scored. Requests that stock HFLM would left-truncate, rolling-loglikelihood windows
+        (they come with `override_bs`), `batch_size="auto"` and models outside `PACKABLE_MODEL_TYPES`
+        take the stock path unchanged; `generate_until` and `loglikelihood_rolling` are stock HFLM's
+        (wrapped only to hide their progress bars); `simple_evaluate`, the task YAMLs, metrics,
+        filters and stderr are all stock lm-eval.
         """
 
         show_progress = False
 
+        # the request types below run stock HFLM's code; only their progress bars follow `show_progress`
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
 
         @property
         def packable(self) -> bool:

@@ -243,3 +243,39 @@ def test_the_report_shows_tasks_without_acc_under_lm_evals_metric_names(tmp_path
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Zero-shot accuracy (acc" in md and "Other zero-shot metrics" in md
     assert "exact_match,strict-match" in md and "exact_match,flexible-extract" in md
+
+
+# ----------------------------------------------------------------------------- a prune's and a grid cell's zero-shot
+
+
+def test_a_prune_evaluates_the_users_task_once_per_way_of_asking(tiny, user_tasks, shared_data, tmp_path, monkeypatch,
+                                                                offline):
+    from orchestrator.run import prune
+    from orchestrator.spec import build_spec
+
+    def spec(**kw):
+        return build_spec(model=str(tiny), method="wanda", sparsity=0.5, seqlen=32, nsamples=4, executor="local",
+                          data_dir=str(shared_data), out=str(tmp_path / "run"), zeroshot="colours_mc,sums_gen",
+                          zeroshot_include=str(user_tasks), zeroshot_limit=4, **kw)
+
+    first = prune(spec(), store=tmp_path / "store")
+    assert {(r["task"], r["metric"]) for r in first["zeroshot"]} >= {("colours_mc", "acc"),
+                                                                      ("sums_gen", "exact_match,strict-match")}
+    asked = []
+    real = evaluate.zeroshot
+    monkeypatch.setattr(evaluate, "zeroshot", lambda *a, **k: (asked.append(list(a[1])), real(*a, **k))[1])
+    prune(spec(), store=tmp_path / "store")
+    assert asked == []  # the same tasks, shots and definitions: on record already
+    again = prune(spec(num_fewshot=1), store=tmp_path / "store")
+    assert asked == [["colours_mc", "sums_gen"]]
+    shots = {e["num_fewshot"] for e in again["evaluations"] if e["kind"] == "zeroshot"}
+    assert shots == {0, 1}
+
+
+def test_a_grid_cell_evaluates_the_users_task_with_its_key(tiny, user_tasks, offline):
+    from orchestrator.grid import eval_cell
+
+    folder = evaluate.task_folder(str(user_tasks))
+    rows = eval_cell(str(tiny), "zeroshot", "sums_gen", 32, None, None, 4, 1, folder)
+    assert {r["eval_key"] for r in rows} == {evaluate.zeroshot_key("sums_gen", 4, num_fewshot=1, include=folder)}
+    assert {r["metric"] for r in rows} >= {"exact_match,strict-match", "exact_match,flexible-extract"}

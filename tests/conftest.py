@@ -157,7 +157,7 @@ doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
   until: ["\\n", "Question:"]
   do_sample: false
-  max_gen_toks: 5
+  max_gen_toks: 8
 filter_list:
   - name: strict-match
     filter:

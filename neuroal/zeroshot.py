@@ -463,6 +463,7 @@ def evaluate_zeroshot(
             lm-eval `HFLM` unchanged (the reference the packed path is tested against).
         num_fewshot: examples in each prompt, as `lm_eval --num_fewshot` (a task whose YAML sets
             `num_fewshot: 0` stays zero-shot). 0 (the default) also overrides a YAML's own default.
+            The offline twins take 0 only (their local files hold no training split).
         include_path: a folder of the user's task YAMLs (lm-eval's `--include_path`).
 
     Returns:
@@ -471,8 +472,8 @@ def evaluate_zeroshot(
 
     Raises:
         SpecError: unknown task, bad `limit` / `batch_size` / `num_fewshot` / `include_path`.
-        DataError: a local file is missing or malformed, a task cannot be loaded, or a stock task's
-            data cannot be fetched (the message says how to get it).
+        DataError: a local file is missing or malformed, a task cannot be loaded, a stock task's
+            data cannot be fetched (the message says how to get it), or few-shot of an offline twin.
     """
     names = check_tasks(tasks, include_path)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
@@ -485,6 +486,13 @@ def evaluate_zeroshot(
     include = _as_folder(include_path, "include_path") if include_path else None
     include_names = _folder_index(include)[0] if include else frozenset()
     sources, offline_dir = _sources(names, include_names, data_dir)
+    twins = [n for n in names if sources[n] == "twin"]
+    if num_fewshot and twins:  # stock lm-eval draws the examples from splits the local files lack
+        raise DataError(
+            f"zero-shot: --num-fewshot {num_fewshot} with the offline {twins[0]!r}: stock lm-eval draws its "
+            f"examples from the stock training split, which the local files lack; run it with the hub reachable "
+            f"(no --data-dir), or write a task YAML with a train split over local files and pass --zeroshot-include DIR"
+        )
     logger.info(
         "%d-shot eval of %s%s%s",
         num_fewshot,

@@ -108,3 +108,11 @@ def test_groups_report_their_aggregate_and_their_members(tiny, user_tasks):
     assert all(r.n_docs == 4 for r in rows)  # the group's acc: its 4 multiple-choice documents
     assert next(r.value for r in rows if r.task == "colours_and_sums") == rows[1].value
 
+
+
+def test_few_shot_of_an_offline_twin_is_refused_with_the_way_out(shared_data):
+    """The local files of the seven hold no training split, where stock lm-eval draws the examples from."""
+    from neuroal.errors import DataError
+
+    with pytest.raises(DataError, match="train split over local files and pass --zeroshot-include DIR"):
+        Z.evaluate_zeroshot(None, None, ["arc_easy"], data_dir=shared_data, num_fewshot=2)

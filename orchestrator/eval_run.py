@@ -14,7 +14,7 @@ import time
 
 from neuroal import fileio
 from neuroal.data import DATA_VERSION, resolve_data_dir
-from orchestrator import evaluate
+from orchestrator import evaluation
 from orchestrator.outputs import RUN_JSON, read_run, to_json
 from orchestrator.session import open_session
 from orchestrator.spec import GRID_VERSION, dense_key
@@ -38,17 +38,17 @@ def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_
         session = open_evaluation_session(location, executor=executor, shards=shards, dtype=dtype, device=device,
                                           address=address, seqlen=seqlen)
         try:
-            return evaluate.evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
+            return evaluation.evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
                                      windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=data_dir,
                                      timings=timings)
         finally:
             session.close()
     t = time.perf_counter()
-    rows = evaluate.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
+    rows = evaluation.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
                                             shards=shards, device=device, address=address)
     timings["zeroshot"] = time.perf_counter() - t
-    keyed = evaluate.keyed_zeroshot(rows, limit)
-    return {"perplexity": {}, "eval_data": {}, "zeroshot": keyed, "evaluations": evaluate.zeroshot_entries(keyed, limit)}
+    keyed = evaluation.keyed_zeroshot(rows, limit)
+    return {"perplexity": {}, "eval_data": {}, "zeroshot": keyed, "evaluations": evaluation.zeroshot_entries(keyed, limit)}
 
 
 def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None,
@@ -56,7 +56,7 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
                          shards: int = 1, dtype: str = "auto", device: str = "auto",
                          address: str | None = None) -> tuple[dict, bool]:
     """`run` (the run.json at `location`) with the requested evaluations it lacks; (run, changed)."""
-    ppl, zs = evaluate.missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
+    ppl, zs = evaluation.missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
                                zeroshot_tasks=zeroshot_tasks, limit=limit)
     if not ppl and not zs:
         return run, False
@@ -65,7 +65,7 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
     new = _evaluate(location, perplexity_sets=ppl, seqlen=seqlen, windows=windows, zeroshot_tasks=zs, limit=limit,
                     data_dir=resolve_data_dir(data_dir), timings=timings, executor=executor, shards=shards,
                     dtype=dtype, device=device, address=address)
-    merged = evaluate.merge(run, new)
+    merged = evaluation.merge(run, new)
     merged["timings_s"] = {**run.get("timings_s", {}), **{f"re{k}": round(v, 3) for k, v in timings.items()}}
     fileio.write_text(fileio.join(location, RUN_JSON), to_json(merged))
     return merged, True
@@ -97,4 +97,4 @@ def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, window
                     zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=resolve_data_dir(data_dir), timings=timings,
                     executor=executor, shards=shards, dtype=dtype, device=device, address=address)
     timings["total"] = time.perf_counter() - t
-    return {**evaluate.merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    return {**evaluation.merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}

@@ -30,7 +30,7 @@ from neuroal.data import DATA_VERSION, DATASETS
 from neuroal.errors import SpecError
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.zeroshot import TASKS as ZEROSHOT_TASKS
-from orchestrator.evaluate import TransientError, transient
+from orchestrator.evaluation import TransientError, transient
 from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec, first_error
 
 logger = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
     if data_dir:
         spec = spec.model_copy(update={"data_dir": data_dir})
     try:
-        return prune(spec, store=False)
+        return prune(spec, store=False).to_json()  # host data across the Ray boundary
     except Exception as exc:
         if transient(exc):
             raise TransientError(f"out of memory pruning {spec.out}: {exc}") from exc
@@ -245,7 +245,7 @@ def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | N
               zeroshot_limit: int | None) -> list[dict]:
     """Ray task: one evaluation of a pruned checkpoint on the devices Ray gave it; returns metric dicts."""
     from neuroal.data import resolve_data_dir
-    from orchestrator.evaluate import perplexity, zeroshot
+    from orchestrator.evaluation import perplexity, zeroshot
     from orchestrator.session import open_session
 
     try:
@@ -346,7 +346,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
 
 
 def _protocol(metric: dict, grid: Grid) -> str:
-    from orchestrator.evaluate import protocol
+    from orchestrator.evaluation import protocol
 
     info = metric.get("info")
     if info is None:

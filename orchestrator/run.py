@@ -31,9 +31,10 @@ from neuroal.methods import METHODS, parse_pattern
 from neuroal.models import load_config, load_tokenizer, resolve_model
 from neuroal.refiners import REFINERS
 from neuroal.stats import ExpertRule
-from orchestrator import evaluate
+from orchestrator import evaluation
 from orchestrator.evidence import collect
 from orchestrator.pipeline import run_stream
+from orchestrator.record import RunRecord
 from orchestrator.resume import restore_allocation, save_allocation
 from orchestrator.session import Session, check_pattern, check_positions, open_session
 from orchestrator.outputs import RunOutput, save_checkpoint
@@ -224,7 +225,7 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
             timings[phase] = time.perf_counter() - t0
 
     def evals(location=None, zeroshot=(), times=None):
-        return evaluate.evaluate(session, location, perplexity_sets=spec.eval, seqlen=spec.seqlen,
+        return evaluation.evaluate(session, location, perplexity_sets=spec.eval, seqlen=spec.seqlen,
                                  windows=spec.eval_windows, zeroshot_tasks=zeroshot, limit=spec.zeroshot_limit,
                                  data_dir=data_dir, timings=times)
 
@@ -277,8 +278,9 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
 
 
 def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path = True,
-          progress: Progress = _noop) -> dict:
-    """Prune `spec` into its out folder (a finished identical run is returned as it is); returns run.json.
+          progress: Progress = _noop) -> RunRecord:
+    """Prune `spec` into its out folder (a finished identical run is returned as it is); returns the
+    run's record, from which its run.json and results rows are written.
 
     Args:
         store: append the results rows to the default store (True), to this folder, or not (False).
@@ -296,11 +298,12 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
                                             limit=spec.zeroshot_limit, data_dir=spec.data_dir, executor=spec.executor,
                                             shards=spec.shards, dtype=spec.dtype, device=spec.device,
                                             address=spec.address)
+        record = RunRecord.from_json(run)
         if changed and store is not False:
             from orchestrator.store import append_run_rows
 
-            append_run_rows(run, None if store is True else store)
-        return run
+            append_run_rows(record, None if store is True else store)
+        return record
     output.check_free(overwrite)
     if store is not False:
         from orchestrator.store import store_dir
@@ -320,16 +323,17 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
             if session.offload != "none":
                 run["offload"] = {"mode": session.offload, "why": session.offload_reason,
                                   "shards": [r["offload"] for r in run["shard_reports"]]}
+            record = RunRecord.from_json(run)
             with tempfile.TemporaryDirectory() as tmp:
                 from orchestrator.plots import run_plots
 
-                run_plots(run, Path(tmp))
+                run_plots(record, Path(tmp))
                 output.put_local_folder(Path(tmp), location)
-            output.finish(location, run)
+            output.finish(location, record.to_json())
     finally:
         session.close()
     if store is not False:
         from orchestrator.store import append_run_rows
 
-        append_run_rows(run, None if store is True else store)
-    return run
+        append_run_rows(record, None if store is True else store)
+    return record

@@ -9,7 +9,7 @@ import threading
 import pytest
 import ray
 
-from orchestrator.evaluate import torch_threads_of_task, zeroshot_resources
+from orchestrator.evaluation import torch_threads_of_task, zeroshot_resources
 from orchestrator.placement import Placement
 from orchestrator.run import prune
 from orchestrator.spec import build_spec

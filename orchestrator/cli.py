@@ -174,15 +174,18 @@ def eval_(
 ):
     """Evaluate without pruning: perplexity through the shards, zero-shot via lm-eval; rows to the store."""
     _setup_logging(False)
+    from neuroal import fileio
     from orchestrator.eval_run import evaluate_model
     from orchestrator.outputs import read_run
     from orchestrator.spec import build_spec
-    from orchestrator.store import append_run_rows
+    from orchestrator.store import append_run_rows, store_dir
 
     try:
         checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, dtype=dtype, device=device)
         if not checked.eval and not checked.zeroshot:
             raise NeuroalError("--eval/--zeroshot: nothing to evaluate; give at least one dataset or task")
+        fileio.check_access(model, "--model")
+        fileio.check_access(store_dir(store), "--store")
         previous = read_run(model)
         seqlen = seqlen or (previous["spec"]["seqlen"] if previous else 2048)
         run = evaluate_model(model, perplexity_sets=checked.eval, seqlen=seqlen, windows=eval_windows,
@@ -254,8 +257,13 @@ def grid(
     from orchestrator.grid import expand, expected_rows, load_grid, run_grid
     from orchestrator.store import existing_keys
 
+    address = address or os.environ.get("RAY_ADDRESS")
     try:
         g = load_grid(spec)
+        if address and not check:  # before the summary: a cluster that does not answer is the one line
+            from orchestrator.ray_chain import check_address
+
+            check_address(address)
         plan = expand(g, Path(store))
         have = existing_keys(store)
         todo = [c for c in plan.cells if not expected_rows(c) <= have]
@@ -272,7 +280,7 @@ def grid(
         from rich.live import Live
 
         with Live(console=console, refresh_per_second=2) as live:
-            states = run_grid(g, Path(store), data_dir=data_dir, address=address or os.environ.get("RAY_ADDRESS"),
+            states = run_grid(g, Path(store), data_dir=data_dir, address=address,
                               num_cpus=num_cpus, on_update=lambda st: live.update(_grid_table(st)))
     except NeuroalError as exc:
         _fail(exc)

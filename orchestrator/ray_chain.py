@@ -134,8 +134,9 @@ def _progress_sink_class():
     return ProgressSink
 
 
-WORKER_ENV_ADVICE = ("on the worker nodes too, as on the driver: e.g. `ray job submit --runtime-env-json "
-                     "'{\"env_vars\": {...}}'`, or the environment the cluster config gives its workers")
+WORKER_ENV_ADVICE = ("the driver reached it, so this node lacks the driver's environment: set the same variables "
+                     "on the worker nodes, e.g. `ray job submit --runtime-env-json '{\"env_vars\": {...}}'`, or in "
+                     "the environment the cluster config gives its workers")
 
 
 def _storage_checks(model: str, resume_dir: str | None) -> None:
@@ -176,7 +177,7 @@ def _shard_actor_class():
                 where = f"shard {spec.index} on node {ray.util.get_node_ip_address()} " \
                         f"({ray.get_runtime_context().get_node_id()[:8]})"
                 self.unusable = StorageAccessError(exc.field, exc.location, exc.problem,
-                                                   f"{exc.advice} {WORKER_ENV_ADVICE}", where=where)
+                                                   f"{exc.advice}; {WORKER_ENV_ADVICE}", where=where)
                 return
             except NeuroalError as exc:
                 self.unusable = exc
@@ -195,6 +196,14 @@ def _shard_actor_class():
                     return
             self.sink.report.remote(self.spec.index, kind, b)
 
+        def __getattr__(self, name: str):
+            # reached only for what a shard that could not set up never made (its blocks, shapes, ...):
+            # a call that reaches it says why, not which attribute is missing
+            unusable = self.__dict__.get("unusable")
+            if unusable is not None and not name.startswith("__"):  # Ray's own probes (hasattr) stay as they are
+                raise unusable
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
         def ping(self) -> int:
             if self.unusable is not None:
                 raise self.unusable
@@ -206,8 +215,9 @@ def _shard_actor_class():
     return ray.remote(ShardActor)
 
 
-def _setup_problem(exc: BaseException) -> NeuroalError | None:
-    """The NeuroalError a shard met setting up (`ShardActor.ping` raised it), or None."""
+def _neuroal_cause(exc: BaseException) -> NeuroalError | None:
+    """The NeuroalError a shard raised (what it met setting up, or in a call), or None: the CLI answers it in
+    one line, where Ray's wrapper (`RayTaskError`) would print the actor's traceback."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, NeuroalError) else None
 
@@ -294,11 +304,11 @@ class RayChain:
         try:
             self._pids = ray.get([a.ping.remote() for a in self.actors])  # a new pid = a restarted actor
         except ray.exceptions.RayTaskError as exc:
-            problem = _setup_problem(exc)
+            problem = _neuroal_cause(exc)
             if problem is None:
                 raise
             self.release()
-            raise problem from None
+            raise problem from exc
 
     # ------------------------------------------------------------------ submission
 
@@ -352,6 +362,9 @@ class RayChain:
                 # before its state was replayed (ShardStateLost): all recovered the same way
                 lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
                 if not isinstance(exc, lost) and not isinstance(getattr(exc, "cause", None), ShardStateLost):
+                    problem = _neuroal_cause(exc)
+                    if problem is not None:
+                        raise problem from exc
                     raise
                 if attempt == self.max_restarts:
                     raise
@@ -380,10 +393,10 @@ class RayChain:
                 pid = ray.get(self.actors[shard].ping.remote(), timeout=60)
                 break
             except ray.exceptions.RayTaskError as exc:  # restarted where it cannot set up: say why, once
-                problem = _setup_problem(exc)
+                problem = _neuroal_cause(exc)
                 if problem is None:
                     raise
-                raise problem from None
+                raise problem from exc
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
                     ray.exceptions.GetTimeoutError) as exc:
                 if getattr(exc, "actor_init_failed", False) or time.monotonic() > deadline:

@@ -233,7 +233,7 @@ def test_worker_nodes_without_credentials_are_one_line(cluster_without_credentia
     assert time.monotonic() - t < 120
     assert re.match(rf"error: --out: shard 0 on node 127\.0\.0\.1 \(\w+\) cannot reach s3://{BUCKET}/run/_partial-\w+: "
                     r"no credentials found; set AWS_ACCESS_KEY_ID", line), line
-    assert "on the worker nodes too" in line and "--runtime-env-json" in line
+    assert "set the same variables on the worker nodes" in line and "--runtime-env-json" in line
     import ray
 
     # nothing was written, and the shard actors were released, not left holding the worker's CPUs
@@ -242,6 +242,49 @@ def test_worker_nodes_without_credentials_are_one_line(cluster_without_credentia
     while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU") == 2
+
+
+def _wait_gone(pid: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process {pid} still runs")
+
+
+@pytest.mark.ray
+def test_a_shard_restarted_where_the_bucket_is_gone_is_one_error_not_retries(s3, tiny_dirs, monkeypatch):
+    """The recovery path: Ray restarts a killed shard, whose constructor can no longer reach `--out`; the
+    chain raises that StorageAccessError once (no waiting for restarts that cannot help)."""
+    import ray
+
+    from neuroal.errors import StorageAccessError
+    from orchestrator.planning import ShardSpec
+    from orchestrator.ray_chain import RayChain
+    from orchestrator.shard import Shard
+
+    _, client = s3
+    _with_credentials(monkeypatch)  # before Ray starts: its workers inherit them
+    chain = RayChain(tiny_dirs["llama"], [ShardSpec(0, 1, 0, 3, True, True)], device="cpu", num_cpus=2,
+                     resume_dir=f"s3://{BUCKET}/run/_partial-k", recover_timeout_s=120)
+    try:
+        assert chain.get(chain.call(0, Shard.get_shapes))
+        client.delete_bucket(Bucket=BUCKET)
+        ray.kill(chain.actors[0], no_restart=False)
+        _wait_gone(chain._pids[0])  # the next call must not reach the old actor
+        t = time.monotonic()
+        with pytest.raises(StorageAccessError) as err:
+            chain.get(chain.call(0, Shard.get_shapes))
+        assert time.monotonic() - t < 60
+    finally:
+        chain.close()
+    text = str(err.value)
+    assert re.match(rf"--out: shard 0 on node \S+ \(\w+\) cannot reach s3://{BUCKET}/run/_partial-k: the bucket "
+                    rf"'{BUCKET}' does not exist", text), text
+    assert "\n" not in text and chain.recoveries == 0
 
 
 # ---------------------------------------------------------------- a healthy run prints no core-worker error

@@ -67,6 +67,7 @@ def evaluate(model: str, *, eval=(), zeroshot=(), seqlen: int | None = None, eva
                          **({} if seqlen is None else {"seqlen": seqlen}))
     if not checked.eval and not checked.zeroshot:
         raise NeuroalError("--eval/--zeroshot: nothing to evaluate; give at least one dataset or task")
+    fileio.check_access(model, "--model")  # a storage URI this process cannot reach: one line, before any work
     if store is not False:
         fileio.check_folder(store_dir(None if store is True else store), "--store")
     if seqlen is None:

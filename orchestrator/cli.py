@@ -251,9 +251,14 @@ def grid(
     _setup_logging(False)
     from orchestrator.grid import done_rows, expand, expected_rows, load_grid, run_grid
 
+    address = address or os.environ.get("RAY_ADDRESS")
     try:
         fileio.check_folder(store, "--store")
         g = load_grid(spec)
+        if address and not check:  # before the summary: a cluster that does not answer is the one line
+            from orchestrator.ray_chain import check_address
+
+            check_address(address)
         plan = expand(g, Path(store))
         have = done_rows(store)
         todo = [c for c in plan.cells if not expected_rows(c) <= have]
@@ -270,7 +275,7 @@ def grid(
         from rich.live import Live
 
         with Live(console=console, refresh_per_second=2) as live:
-            states = run_grid(g, Path(store), data_dir=data_dir, address=address or os.environ.get("RAY_ADDRESS"),
+            states = run_grid(g, Path(store), data_dir=data_dir, address=address,
                               num_cpus=num_cpus, on_update=lambda st: live.update(_grid_table(st)))
     except NeuroalError as exc:
         _fail(exc)

@@ -283,6 +283,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
     from orchestrator.ray_chain import ensure_ray
     from orchestrator.store import append_rows, run_rows
 
+    started = ensure_ray(address, num_cpus)  # first: an address that does not answer leaves no store behind
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     plan = expand(grid, store)
@@ -290,7 +291,6 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
     states = {c.key: CellState(c) for c in plan.cells}
     on_update = on_update or (lambda states: None)
 
-    started = ensure_ray(address, num_cpus)
     res = grid.resources
     retry = dict(max_retries=res.max_retries, retry_exceptions=[TransientError])
     prune_remote = ray.remote(prune_cell).options(num_cpus=res.cell_cpus, num_gpus=res.cell_gpus, **retry)

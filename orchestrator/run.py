@@ -109,6 +109,27 @@ def check_memory(spec: PruneSpec, config) -> None:
                         f"has {free / 1e9:.1f} GB free")
 
 
+def check_services(spec: PruneSpec, store: bool | str | Path = True) -> None:
+    """Where results go can take them, and the storage URIs and the Ray cluster the run needs answer:
+    checked before anything is read or written.
+
+    Raises:
+        NeuroalError: `--out` or `--store` is a file or cannot be created.
+        StorageAccessError: `--out`, `--store` or `--model` is a URI this process cannot reach.
+        RayUnavailable: `--address` names a Ray cluster that does not answer.
+    """
+    fileio.check_folder(spec.out or spec.default_out(), "--out")
+    if store is not False:
+        from orchestrator.store import store_dir
+
+        fileio.check_folder(store_dir(None if store is True else store), "--store")
+    fileio.check_access(spec.model, "--model")
+    if spec.executor == "ray" and spec.address:
+        from orchestrator.ray_chain import check_address
+
+        check_address(spec.address)
+
+
 def preflight(spec: PruneSpec) -> tuple[torch.Tensor, str]:
     """The up-front checks and the calibration tokens, before any actor starts or anything is written."""
     model_dir = resolve_model(spec.model, weights=False)
@@ -287,6 +308,7 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
         progress: receives events: ("resumed", out=), ("open", n_blocks=), ("phase", name=),
             ("block", kind=, block=) from in-process shards, ("candidate", step=, lam=, outcome=).
     """
+    check_services(spec, store)
     output = RunOutput(spec.out or spec.default_out(), spec.cell_key())
     previous = output.previous()
     if previous is not None and not overwrite:
@@ -305,10 +327,6 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
             append_run_rows(record, None if store is True else store)
         return record
     output.check_free(overwrite)
-    if store is not False:
-        from orchestrator.store import store_dir
-
-        fileio.check_folder(store_dir(None if store is True else store), "--store")
     calibration = preflight(spec)
     session = session_for(spec, resume_dir=output.resume_location)
     try:

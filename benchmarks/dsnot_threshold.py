@@ -29,7 +29,7 @@ def run(seqlen: int, top_up: str, threshold: float, nsamples: int, sparsity: flo
 
     from neuroal.allocation import ratios as R
     from neuroal.data import calibration_windows
-    from orchestrator.evaluate import perplexity
+    from orchestrator.evaluation import perplexity
     from orchestrator.run import final_prune, prune_options, session_for
     from orchestrator.shard import Shard
     from orchestrator.spec import build_spec

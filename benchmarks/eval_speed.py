@@ -2,7 +2,7 @@
 
 Perplexity (the first `--windows` WikiText-2 windows of `--seqlen` tokens, dense SmolLM2-135M, fp32;
 the sparsity of a pruned checkpoint does not change dense-kernel time):
-- `neuroal ray x1`: the CLI's default path (local Ray, one shard actor), `orchestrator.evaluate.perplexity`;
+- `neuroal ray x1`: the CLI's default path (local Ray, one shard actor), `orchestrator.evaluation.perplexity`;
 - `neuroal in-process`: the same code with `--executor local`;
 - `neuroal ray x2, eval session`: two shard actors, batches pipelined through them, split as `neuroal eval
   --shards 2` splits (the last shard's pace counts the 49k-word head: 19 + 11 blocks);
@@ -64,7 +64,7 @@ def window_flops(config, seqlen: int) -> float:
 
 
 def neuroal_ppl(sessions: dict, name: str, windows: int, seqlen: int) -> tuple[float, float]:
-    from orchestrator.evaluate import perplexity
+    from orchestrator.evaluation import perplexity
 
     t = time.perf_counter()
     value, _ = perplexity(sessions[name], "wikitext2", seqlen, DATA_DIR, max_windows=windows)

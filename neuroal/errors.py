@@ -45,3 +45,17 @@ class ModelLoadError(NeuroalError):
 
 class SingularHessianError(NeuroalError):
     """The layer Hessian is not positive definite even after damping (weights left untouched)."""
+
+
+class StorageAccessError(NeuroalError):
+    """A storage URI (`--out`, `--store`, `--model`) cannot be reached: no credentials, no such bucket,
+    access denied, or an endpoint that does not answer. `where` names who tried when not this process
+    (a shard on a worker node)."""
+
+    def __init__(self, field: str, location: str, problem: str, advice: str, where: str = ""):
+        self.field, self.location, self.problem, self.advice, self.where = field, location, problem, advice, where
+        who = f"{where} cannot reach" if where else "cannot reach"
+        super().__init__(f"{field}: {who} {location}: {problem}; {advice}")
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.location, self.problem, self.advice, self.where))

@@ -18,9 +18,12 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from neuroal.errors import StorageAccessError
 
 
 def _remove(path: Path) -> None:
@@ -173,13 +176,15 @@ def listdir(location: str | os.PathLike) -> list[str]:
 
 
 def check_folder(location: str | os.PathLike, field: str) -> None:
-    """A local `location` is a folder, or can become one (its nearest existing ancestor takes a new
-    folder); URIs are checked by what reads and writes them.
+    """`location`, where results go, can take them: a local folder, or one that can be created there
+    (its nearest existing ancestor takes a new folder), or a storage URI this process reaches
+    (`check_access`).
 
     Raises:
-        NeuroalError: one line naming `field`.
+        NeuroalError: one line naming `field` (`StorageAccessError` for a URI).
     """
     if is_uri(location):
+        check_access(location, field)
         return
     from neuroal.errors import NeuroalError
 
@@ -196,3 +201,94 @@ def check_folder(location: str | os.PathLike, field: str) -> None:
     except OSError as exc:
         raise NeuroalError(f"{field}: cannot create {out} ({base} is not a writable folder: {exc.strerror}); "
                            "choose a folder you can write") from None
+
+
+# ---------------------------------------------------------------- can this process reach a storage URI?
+
+ACCESS_TIMEOUT_S = 20.0  # an endpoint that swallows packets must not hold a run for minutes
+_BUCKETS = {"s3", "gs", "az"}  # protocols (after _ALIASES) whose first path component is a bucket
+_CREDENTIALS = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for a server "
+          "other than AWS",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service account key file",
+    "az": "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING)",
+}
+_ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+
+
+def _protocol(location: str) -> str:
+    scheme = str(location).split("://", 1)[0].lower()
+    return _ALIASES.get(scheme, scheme)
+
+
+def _endpoint(protocol: str) -> str:
+    if protocol != "s3":
+        return ""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def access_problem(location: str, exc: BaseException | None) -> tuple[str, str]:
+    """(what went wrong, what to do) for a failed access to `location`; None `exc` means it timed out."""
+    protocol = _protocol(location)
+    credentials = _CREDENTIALS.get(protocol, f"give the credentials the fsspec {protocol!r} backend reads")
+    endpoint = _endpoint(protocol)
+    at = f" at {endpoint}" if endpoint else ""
+    bucket = str(location).split("://", 1)[1].split("/", 1)[0]
+    name = type(exc).__name__
+    if exc is None:
+        return (f"the storage endpoint{at} did not answer in {ACCESS_TIMEOUT_S:.0f} s",
+                "check the network" + (" and AWS_ENDPOINT_URL" if protocol == "s3" else ""))
+    if "Credential" in name:  # botocore NoCredentialsError, PartialCredentialsError; google DefaultCredentialsError
+        return "no credentials found", credentials
+    if isinstance(exc, FileNotFoundError):
+        return (f"the bucket {bucket!r} does not exist{at}",
+                "create it or fix the name" + (" (AWS_ENDPOINT_URL chooses the server)" if protocol == "s3" else ""))
+    if isinstance(exc, PermissionError):
+        return f"access denied to {bucket!r}{at}", f"use credentials allowed to read and write it ({credentials})"
+    if "EndpointConnection" in name or "Connect" in name or isinstance(exc, (ConnectionError, TimeoutError)):
+        return (f"the storage endpoint{at} does not answer ({_first_line(exc)})",
+                "check the network" + (" and AWS_ENDPOINT_URL" if protocol == "s3" else ""))
+    return f"{name}: {_first_line(exc)}", credentials
+
+
+def check_access(location: str | os.PathLike, field: str) -> None:
+    """Raise `StorageAccessError` unless this process can reach the storage URI `location` (one request).
+
+    The bucket (s3://, gs://, az://) is asked for: that tests the credentials, the endpoint and that the
+    bucket exists before any work starts. Local paths and other URIs are not checked (their readers and
+    writers say what is wrong).
+
+    Args:
+        field: the flag the location came from (`--out`, `--store`, `--model`), named in the message.
+
+    Raises:
+        StorageAccessError: one line naming `field`, the URI, what went wrong and the environment to set.
+    """
+    if not is_uri(location) or _protocol(location) not in _BUCKETS:
+        return
+    location = str(location)
+    outcome: list = []
+
+    def ask():
+        try:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(location, skip_instance_cache=True)  # today's environment
+            fs.info(path.split("/", 1)[0])  # the bucket: one HEAD (s3) or GET (gs, az)
+            outcome.append(None)
+        except Exception as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=ask, daemon=True, name="neuroal-storage-check")
+    worker.start()
+    worker.join(ACCESS_TIMEOUT_S)
+    if outcome and outcome[0] is None:
+        return
+    exc = outcome[0] if outcome else None
+    problem, advice = access_problem(location, exc)
+    raise StorageAccessError(field, location, problem, advice) from exc

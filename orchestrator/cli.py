@@ -19,6 +19,7 @@ from neuroal import fileio
 from neuroal.allocation import ALLOCATORS
 from neuroal.errors import NeuroalError, SpecError
 from orchestrator.planning.cost import ASSUMED_DISK_GBPS, ASSUMED_H2D_GBPS, ASSUMED_TFLOPS
+from orchestrator.record import RunRecord
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed one-shot pruning of LLMs (NeuroAL).")
 console = Console(stderr=True)
@@ -76,7 +77,7 @@ class _Reporter:
             self.progress.console.print(f"  {info['step']} λ={info['lam']:.2f}: {state}", highlight=False)
 
 
-def run_with_progress(spec, *, overwrite: bool = False, store: bool | str | Path = True) -> dict:
+def run_with_progress(spec, *, overwrite: bool = False, store: bool | str | Path = True) -> RunRecord:
     """`orchestrator.run.prune` with a progress bar on the console."""
     from orchestrator.run import prune as prune_one
 
@@ -85,37 +86,35 @@ def run_with_progress(spec, *, overwrite: bool = False, store: bool | str | Path
         return prune_one(spec, overwrite=overwrite, store=store, progress=_Reporter(bar))
 
 
-def summary_table(run: dict) -> Table:
-    spec = run["spec"]
-    t = Table(title=f"{spec['model']} · {spec['method']} · {spec['top_up']} · {run['sparsity_target']:g} {spec['pattern']}")
+def summary_table(run: RunRecord) -> Table:
+    spec = run.spec
+    t = Table(title=f"{spec['model']} · {run.method} · {run.top_up} · {run.sparsity_target:g} {spec['pattern']}")
     t.add_column("quantity")
     t.add_column("value", justify="right")
-    t.add_row("actual sparsity", f"{run['sparsity_actual']:.4f}")
-    if run.get("lambda_block") is not None:
-        t.add_row("λ block", f"{run['lambda_block']:.2f}")
-    if run.get("lambda_row") is not None:
-        t.add_row("λ row", f"{run['lambda_row']:.2f}")
-    for step, c in (run.get("allocation_extra") or {}).get("tie_check", {}).items():
+    t.add_row("actual sparsity", f"{run.sparsity_actual:.4f}")
+    if run.lambda_block is not None:
+        t.add_row("λ block", f"{run.lambda_block:.2f}")
+    if run.lambda_row is not None:
+        t.add_row("λ row", f"{run.lambda_row:.2f}")
+    for step, c in (run.data.get("allocation_extra") or {}).get("tie_check", {}).items():
         if c.get("margin") is not None and c.get("noise") is not None:
             t.add_row(f"λ {step} lead / noise", f"{c['margin']:.3g} / {c['noise']:.3g}" + (" NEAR TIE" if c["near_tie"] else ""))
-    for name, v in run.get("perplexity_dense", {}).items():
+    for name, v in run.perplexity_dense.items():
         t.add_row(f"ppl {name} dense", f"{v:.3f}")
     _evaluation_rows(t, run)
-    for phase, s in run.get("timings_s", {}).items():
+    for phase, s in run.timings_s.items():
         t.add_row(f"time {phase}", f"{s:.1f} s")
-    t.add_row("out", run.get("out", ""))
+    t.add_row("out", run.out or "")
     return t
 
 
-def _evaluation_rows(t: Table, run: dict) -> None:
+def _evaluation_rows(t: Table, run: RunRecord) -> None:
     """Every evaluation on record, each with its protocol (seqlen and windows, or documents)."""
-    from orchestrator.evaluate import recorded
-
-    for e in recorded(run):
-        if e["kind"] == "perplexity":
-            t.add_row(f"ppl {e['task']} ({e['protocol']})", f"{e['value']:.3f}")
+    for e in run.evaluations:
+        if e.kind == "perplexity":
+            t.add_row(f"ppl {e.task} ({e.protocol})", f"{e.value:.3f}")
         else:
-            t.add_row(f"{e['task']} {e['metric']} ({e['protocol']})", f"{e['value']:.4f} ± {e['stderr']:.4f}")
+            t.add_row(f"{e.task} {e.metric} ({e.protocol})", f"{e.value:.4f} ± {e.stderr:.4f}")
 
 
 @app.command()
@@ -198,31 +197,16 @@ def eval_(
 ):
     """Evaluate without pruning: perplexity through the shards, zero-shot via lm-eval; rows to the store."""
     _setup_logging(False)
-    from orchestrator.eval_run import evaluate_model
-    from orchestrator.outputs import read_run
-    from orchestrator.spec import build_spec
-    from orchestrator.store import append_run_rows, store_dir
+    from orchestrator.api import evaluate
 
     try:
-        checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, dtype=dtype, device=device,
-                             eval_windows=eval_windows, zeroshot_limit=zeroshot_limit,
-                             zeroshot_include=zeroshot_include, num_fewshot=num_fewshot,
-                             **({} if seqlen is None else {"seqlen": seqlen}))
-        if not checked.eval and not checked.zeroshot:
-            raise NeuroalError("--eval/--zeroshot: nothing to evaluate; give at least one dataset or task")
-        fileio.check_folder(store_dir(store), "--store")
-        previous = read_run(model)
-        if seqlen is None:
-            seqlen = previous["spec"]["seqlen"] if previous else 2048
-        run = evaluate_model(model, perplexity_sets=checked.eval, seqlen=seqlen, windows=eval_windows,
-                             zeroshot_tasks=checked.zeroshot, limit=zeroshot_limit, data_dir=data_dir,
-                             num_fewshot=checked.num_fewshot, zeroshot_include=checked.zeroshot_include,
-                             executor=executor, shards=shards, dtype=dtype, device=device,
-                             address=address or os.environ.get("RAY_ADDRESS"))
-        append_run_rows(run, store)
+        run = evaluate(model, eval=eval, zeroshot=zeroshot, seqlen=seqlen, eval_windows=eval_windows,
+                       zeroshot_limit=zeroshot_limit, zeroshot_include=zeroshot_include, num_fewshot=num_fewshot,
+                       data_dir=data_dir, shards=shards, executor=executor, address=address, dtype=dtype,
+                       device=device, store=store or True)
     except NeuroalError as exc:
         _fail(exc)
-    t = Table(title=f"{model} · {run['spec']['method']}")
+    t = Table(title=f"{model} · {run.method}")
     t.add_column("metric")
     t.add_column("value", justify="right")
     _evaluation_rows(t, run)
@@ -257,13 +241,13 @@ def demo(
     t = Table(title=f"SmolLM2-135M, Wanda + {top_up}, WikiText-2 perplexity (seqlen {seqlen})")
     for col in ("sparsity", "actual", "λ block", "λ row", "perplexity", "prune s"):
         t.add_column(col, justify="right")
-    dense = rows[0]["perplexity_dense"]["wikitext2"]
+    dense = rows[0].perplexity_dense["wikitext2"]
     t.add_row("0 (dense)", "0", "", "", f"{dense:.2f}", "")
     for r in rows:
-        lb, lr = r.get("lambda_block"), r.get("lambda_row")
-        t.add_row(f"{r['sparsity_target']:g}", f"{r['sparsity_actual']:.4f}", "" if lb is None else f"{lb:.2f}",
-                  "" if lr is None else f"{lr:.2f}", f"{r['perplexity']['wikitext2']:.2f}",
-                  f"{sum(r['timings_s'].get(k, 0) for k in ('allocation', 'prune')):.0f}")
+        lb, lr = r.lambda_block, r.lambda_row
+        t.add_row(f"{r.sparsity_target:g}", f"{r.sparsity_actual:.4f}", "" if lb is None else f"{lb:.2f}",
+                  "" if lr is None else f"{lr:.2f}", f"{r.perplexity['wikitext2']:.2f}",
+                  f"{sum(r.timings_s.get(k, 0) for k in ('allocation', 'prune')):.0f}")
     Console().print(t)
 
 
@@ -281,9 +265,14 @@ def grid(
     from orchestrator.grid import cell_done, expand, load_grid, run_grid
     from orchestrator.store import existing_keys
 
+    address = address or os.environ.get("RAY_ADDRESS")
     try:
         fileio.check_folder(store, "--store")
         g = load_grid(spec)
+        if address and not check:  # before the summary: a cluster that does not answer is the one line
+            from orchestrator.ray_chain import check_address
+
+            check_address(address)
         plan = expand(g, Path(store))
         have = existing_keys(store)
         todo = [c for c in plan.cells if not cell_done(c, have)]
@@ -300,7 +289,7 @@ def grid(
         from rich.live import Live
 
         with Live(console=console, refresh_per_second=2) as live:
-            states = run_grid(g, Path(store), data_dir=data_dir, address=address or os.environ.get("RAY_ADDRESS"),
+            states = run_grid(g, Path(store), data_dir=data_dir, address=address,
                               num_cpus=num_cpus, on_update=lambda st: live.update(_grid_table(st)))
     except NeuroalError as exc:
         _fail(exc)
@@ -371,53 +360,16 @@ def plan(
     _setup_logging(False)
     import json
 
-    from neuroal.allocation.neuroal import steps
-    from neuroal.families import family_for
-    from neuroal.methods import METHODS
-    from orchestrator.planning import load_plan_config, parse_bytes, plan_shards, render_plan
-    from orchestrator.planning.cost import method_line, projected_passes
-    from orchestrator.planning.layout import measure_model
-    from orchestrator.planning.offloaded import plan_offloaded
-    from orchestrator.planning.render import render_offloaded
-    from orchestrator.planning.sizes import DTYPE_BYTES, canonical_dtype
+    from orchestrator.api import plan as make_plan
 
-    for flag, value in (("--gpus", gpus), ("--streams", streams)):
-        if value is not None and value < 1:
-            _fail(SpecError(flag, value, "a positive integer"))
-    if offload not in ("auto", "none", "cpu", "disk"):
-        _fail(SpecError("--offload", offload, "auto, none, cpu, disk"))
-    if not 0.0 < sparsity < 1.0:
-        _fail(SpecError("--sparsity", sparsity, "a fraction strictly between 0 and 1"))
     try:
-        cfg = load_plan_config(model)
-        mem = parse_bytes(gpu_mem)
-        reason, p = "", None
-        if offload in ("auto", "none"):
-            try:
-                p = plan_shards(cfg, n_actors=gpus, mem_per_actor=mem, dtype=dtype, method=method,
-                                streams_in_flight=streams, seqlen=seqlen, nsamples=nsamples)
-            except SpecError as exc:
-                if offload == "none":
-                    raise
-                reason = f"offloaded: the blocks do not fit ({exc})"
-        if p is not None:
-            Console().print(render_plan(p))
-            payload = p.to_dict()
-        else:
-            mode = "cpu" if offload == "auto" else offload
-            op = plan_offloaded(cfg, n_actors=gpus, mem_per_actor=mem, mode=mode, dtype=dtype, method=method,
-                                nsamples=nsamples, seqlen=seqlen, reason=reason)
-            passes = projected_passes(measure_model(cfg), dtype_bytes=DTYPE_BYTES[canonical_dtype(dtype)],
-                                      seqlen=seqlen, search_windows=op.plan.stream_windows, nsamples=nsamples,
-                                      mode=mode, tflops=tflops, h2d_gbps=h2d_gbps, disk_gbps=disk_gbps,
-                                      row_step=steps("both", METHODS.get(method), family_for(cfg)).row,
-                                      sparsity=sparsity)
-            how = method_line(tflops=tflops, h2d_gbps=h2d_gbps, disk_gbps=disk_gbps, mode=mode)
-            for table in render_offloaded(op, passes, method, how):
-                Console().print(table)
-            payload = {**op.to_dict(), "projected_passes": [{**vars(x), "seconds": x.seconds} for x in passes],
-                       "projection_method": how}
+        result = make_plan(model, gpus=gpus, gpu_mem=gpu_mem, dtype=dtype, method=method, streams=streams,
+                           seqlen=seqlen, nsamples=nsamples, sparsity=sparsity, offload=offload, tflops=tflops,
+                           h2d_gbps=h2d_gbps, disk_gbps=disk_gbps)
     except NeuroalError as exc:
         _fail(exc)
+    for table in result.tables(method):
+        Console().print(table)
+    payload = result.payload
     if json_out:
         Path(json_out).write_text(json.dumps(payload, indent=2))

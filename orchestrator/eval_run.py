@@ -15,7 +15,7 @@ import time
 from neuroal import fileio
 from neuroal.data import DATA_VERSION, resolve_data_dir
 from neuroal.zeroshot import TaskFolder
-from orchestrator import evaluate
+from orchestrator import evaluation
 from orchestrator.outputs import RUN_JSON, read_run, to_json
 from orchestrator.session import open_session
 from orchestrator.spec import GRID_VERSION, dense_key
@@ -40,19 +40,19 @@ def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_
         session = open_evaluation_session(location, executor=executor, shards=shards, dtype=dtype, device=device,
                                           address=address, seqlen=seqlen)
         try:
-            return evaluate.evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
+            return evaluation.evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
                                      windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=data_dir,
                                      timings=timings, num_fewshot=num_fewshot, include=include)
         finally:
             session.close()
     t = time.perf_counter()
-    rows = evaluate.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
+    rows = evaluation.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
                                             shards=shards, device=device, address=address, num_fewshot=num_fewshot,
                                             include=include)
     timings["zeroshot"] = time.perf_counter() - t
-    keyed = evaluate.keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
+    keyed = evaluation.keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
     return {"perplexity": {}, "eval_data": {}, "zeroshot": keyed,
-            "evaluations": evaluate.zeroshot_entries(keyed, limit, num_fewshot=num_fewshot)}
+            "evaluations": evaluation.zeroshot_entries(keyed, limit, num_fewshot=num_fewshot)}
 
 
 def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None,
@@ -61,8 +61,8 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
                          address: str | None = None, num_fewshot: int = 0,
                          zeroshot_include: str | None = None) -> tuple[dict, bool]:
     """`run` (the run.json at `location`) with the requested evaluations it lacks; (run, changed)."""
-    include = evaluate.task_folder(zeroshot_include) if zeroshot_tasks else None
-    ppl, zs = evaluate.missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
+    include = evaluation.task_folder(zeroshot_include) if zeroshot_tasks else None
+    ppl, zs = evaluation.missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
                                zeroshot_tasks=zeroshot_tasks, limit=limit, num_fewshot=num_fewshot, include=include)
     if not ppl and not zs:
         return run, False
@@ -71,7 +71,7 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
     new = _evaluate(location, perplexity_sets=ppl, seqlen=seqlen, windows=windows, zeroshot_tasks=zs, limit=limit,
                     data_dir=resolve_data_dir(data_dir), timings=timings, executor=executor, shards=shards,
                     dtype=dtype, device=device, address=address, num_fewshot=num_fewshot, include=include)
-    merged = evaluate.merge(run, new)
+    merged = evaluation.merge(run, new)
     merged["timings_s"] = {**run.get("timings_s", {}), **{f"re{k}": round(v, 3) for k, v in timings.items()}}
     fileio.write_text(fileio.join(location, RUN_JSON), to_json(merged))
     return merged, True
@@ -104,6 +104,6 @@ def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, window
     new = _evaluate(model, perplexity_sets=list(perplexity_sets), seqlen=seqlen, windows=windows,
                     zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=resolve_data_dir(data_dir), timings=timings,
                     executor=executor, shards=shards, dtype=dtype, device=device, address=address,
-                    num_fewshot=num_fewshot, include=evaluate.task_folder(zeroshot_include) if zeroshot_tasks else None)
+                    num_fewshot=num_fewshot, include=evaluation.task_folder(zeroshot_include) if zeroshot_tasks else None)
     timings["total"] = time.perf_counter() - t
-    return {**evaluate.merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    return {**evaluation.merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}

@@ -32,7 +32,7 @@ from neuroal.data import DATA_VERSION, DATASETS
 from neuroal.errors import SpecError
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.zeroshot import TaskFolder, check_tasks
-from orchestrator.evaluate import TransientError, keyed_zeroshot, task_folder, transient, zeroshot_key
+from orchestrator.evaluation import TransientError, keyed_zeroshot, task_folder, transient, zeroshot_key
 from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec, first_error, zeroshot_folder
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
     if data_dir:
         spec = spec.model_copy(update={"data_dir": data_dir})
     try:
-        return prune(spec, store=False)
+        return prune(spec, store=False).to_json()  # host data across the Ray boundary
     except Exception as exc:
         if transient(exc):
             raise TransientError(f"out of memory pruning {spec.out}: {exc}") from exc
@@ -286,7 +286,7 @@ def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | N
     """Ray task: one evaluation of a pruned checkpoint on the devices Ray gave it; returns metric dicts
     (zero-shot: keyed, `keyed_zeroshot`)."""
     from neuroal.data import resolve_data_dir
-    from orchestrator.evaluate import perplexity, zeroshot
+    from orchestrator.evaluation import perplexity, zeroshot
     from orchestrator.session import open_session
 
     try:
@@ -325,6 +325,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
     from orchestrator.ray_chain import ensure_ray
     from orchestrator.store import append_rows, existing_keys, run_rows
 
+    started = ensure_ray(address, num_cpus)  # first: an address that does not answer leaves no store behind
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     plan = expand(grid, store)
@@ -333,7 +334,6 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
     states = {c.key: CellState(c) for c in plan.cells}
     on_update = on_update or (lambda states: None)
 
-    started = ensure_ray(address, num_cpus)
     res = grid.resources
     retry = dict(max_retries=res.max_retries, retry_exceptions=[TransientError])
     prune_remote = ray.remote(prune_cell).options(num_cpus=res.cell_cpus, num_gpus=res.cell_gpus, **retry)
@@ -388,7 +388,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
 
 
 def _protocol(metric: dict, grid: Grid) -> str:
-    from orchestrator.evaluate import protocol
+    from orchestrator.evaluation import protocol
 
     info = metric.get("info")
     if info is None:

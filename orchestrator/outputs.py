@@ -78,8 +78,7 @@ class RunOutput:
 
     def check_free(self, overwrite: bool) -> None:
         """Refuse to write over another run or over the user's own files (an interrupted folder of
-        this same spec is resumed); a local `--out` must be a folder this process can create."""
-        fileio.check_folder(self.out, "--out")
+        this same spec is resumed). Whether `--out` can be written at all is `fileio.check_folder`."""
         names = fileio.listdir(self.out)
         ours = [n for n in names if n in (RUN_JSON, KEY_MARKER, INDEX) or n.startswith("_partial-")]
         if not names or (overwrite and ours):

@@ -11,14 +11,80 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
+import uuid
 import weakref
 from pathlib import Path
 
+from neuroal.errors import NeuroalError, SpecError, StorageAccessError
 from orchestrator.pipeline import num_returns
 from orchestrator.placement import PlacementError, place_shards
 from orchestrator.shard import ShardStateLost
 
 logger = logging.getLogger(__name__)
+
+RAY_WAIT_ENV = "NEUROAL_RAY_WAIT_S"  # how long a Ray address may take to answer (default 15 s)
+RAY_WAIT_S = 15.0
+
+
+class RayUnavailable(NeuroalError):
+    """`--address` (or $RAY_ADDRESS) names a Ray cluster that does not answer, or no cluster at all."""
+
+
+def _named(address: str) -> str:
+    """The address as the user gave it, saying so when it came from $RAY_ADDRESS."""
+    return f"{address} (from $RAY_ADDRESS)" if os.environ.get("RAY_ADDRESS") == address else address
+
+
+def _instead(address: str) -> str:
+    unset = " and unset RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else ""
+    return f"or leave out --address{unset} to run on a local Ray instance"
+
+
+def check_address(address: str, wait_s: float | None = None) -> None:
+    """Wait, at most `wait_s` ($NEUROAL_RAY_WAIT_S, default 15 s), until something listens at a Ray address.
+
+    `ray.init` on an address where nothing listens retries for many minutes; a TCP connect says in
+    seconds. `auto` and addresses with another scheme are left to Ray.
+
+    Raises:
+        RayUnavailable: nothing answers at `address`, or it is a dashboard (http://) address.
+        SpecError: `address` is not host:port.
+    """
+    text = address.strip()
+    if text.startswith(("http://", "https://")):
+        raise RayUnavailable(
+            f"--address: {_named(text)} is a dashboard (job submission) address, not a cluster's; give the head's "
+            f"address (host:6379, or ray://host:10001), or run the command on the cluster with "
+            f"`ray job submit --address {text} -- neuroal ...`, {_instead(text)}")
+    client = text.startswith("ray://")
+    inner = text.removeprefix("ray://")
+    if text == "auto" or "://" in inner:
+        return
+    host, _, port_text = inner.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port_text.isdigit():
+        raise SpecError("--address", text, "host:port of the head (e.g. 10.0.0.1:6379), ray://host:10001, or auto")
+    port = int(port_text)
+    wait_s = float(os.environ.get(RAY_WAIT_ENV, RAY_WAIT_S)) if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.5, min(3.0, deadline - time.monotonic()))):
+                return
+        except socket.gaierror:
+            why = f"unknown host {host!r}"
+        except ConnectionRefusedError:
+            why = "connection refused"
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    start = "`ray start --head`" if client or port == 6379 else f"`ray start --head --port {port}`"
+    raise RayUnavailable(f"--address: no Ray cluster answers at {_named(text)} ({why}; waited {wait_s:g} s); "
+                         f"start one there with {start}, {_instead(text)}")
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -26,13 +92,22 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
     An embedded instance is always new (`address="local"`): never a stray cluster that happens to
     run on the machine. Nothing happens if Ray is already initialised in this process.
+
+    Raises:
+        RayUnavailable: no Ray cluster answers at `address` (within `check_address`'s wait).
     """
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        check_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, ValueError) as exc:  # "auto" with no cluster, an address Ray cannot parse
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RayUnavailable(f"--address: cannot connect to Ray at {_named(address)}: {first}; start a cluster "
+                                 f"with `ray start --head`, {_instead(address)}") from exc
         return False
     ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
              include_dashboard=False, logging_level=logging.WARNING)
@@ -59,37 +134,92 @@ def _progress_sink_class():
     return ProgressSink
 
 
+WORKER_ENV_ADVICE = ("the driver reached it, so this node lacks the driver's environment: set the same variables "
+                     "on the worker nodes, e.g. `ray job submit --runtime-env-json '{\"env_vars\": {...}}'`, or in "
+                     "the environment the cluster config gives its workers")
+
+
+def _storage_checks(model: str, resume_dir: str | None) -> None:
+    """The storage a shard reads (`--model`) and writes (`--out`'s resume checkpoints), when they are URIs."""
+    from neuroal import fileio
+
+    fileio.check_access(model, "--model")
+    if resume_dir is not None:
+        fileio.check_access(resume_dir, "--out")
+
+
 def _shard_actor_class():
     import ray
 
     from orchestrator.shard import Shard
 
     class ShardActor(Shard):
-        """The plain Shard, with torch threads matched to the actor's CPU share; it reports each block."""
+        """The plain Shard, with torch threads matched to the actor's CPU share; it reports each block.
 
-        def __init__(self, model, spec, dtype, device, threads, resume_dir, sink, options):
+        Its constructor's arguments are small and inline (no object-store references, so a restart
+        cannot lose them); the progress sink is looked up by name. A shard that cannot set up on its
+        node (no credentials for `--out` there, ...) keeps the reason, and `ping` raises it: the
+        driver answers with that one line instead of Ray logging a constructor traceback.
+        """
+
+        def __init__(self, model, spec, dtype, device, threads, resume_dir, sink_name, options):
             import torch
 
-            if threads:
-                torch.set_num_threads(threads)
-            super().__init__(model, spec, dtype=dtype, device=device, resume_dir=resume_dir,
-                             gpu_given=bool(ray.get_gpu_ids()), **options)
-            self.sink = sink
+            self.unusable: NeuroalError | None = None
+            self.sink_name, self.sink = sink_name, None
+            try:
+                _storage_checks(model, resume_dir)
+                if threads:
+                    torch.set_num_threads(threads)
+                super().__init__(model, spec, dtype=dtype, device=device, resume_dir=resume_dir,
+                                 gpu_given=bool(ray.get_gpu_ids()), **options)
+            except StorageAccessError as exc:
+                where = f"shard {spec.index} on node {ray.util.get_node_ip_address()} " \
+                        f"({ray.get_runtime_context().get_node_id()[:8]})"
+                self.unusable = StorageAccessError(exc.field, exc.location, exc.problem,
+                                                   f"{exc.advice}; {WORKER_ENV_ADVICE}", where=where)
+                return
+            except NeuroalError as exc:
+                self.unusable = exc
+                return
             self.on_block = self.report_block
 
         def report_block(self, kind: str, b: int) -> None:
             # one remote call per block: evaluation passes ("forward") are not shown (the bar would
             # restart for every batch) and their ~30 calls per batch cost 8% of perplexity's time
-            if kind != "forward":
-                self.sink.report.remote(self.spec.index, kind, b)
+            if kind == "forward":
+                return
+            if self.sink is None:
+                try:
+                    self.sink = ray.get_actor(self.sink_name)
+                except ValueError:  # released with the chain
+                    return
+            self.sink.report.remote(self.spec.index, kind, b)
+
+        def __getattr__(self, name: str):
+            # reached only for what a shard that could not set up never made (its blocks, shapes, ...):
+            # a call that reaches it says why, not which attribute is missing
+            unusable = self.__dict__.get("unusable")
+            if unusable is not None and not name.startswith("__"):  # Ray's own probes (hasattr) stay as they are
+                raise unusable
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
         def ping(self) -> int:
+            if self.unusable is not None:
+                raise self.unusable
             return os.getpid()
 
         def node_id(self) -> str:
             return ray.get_runtime_context().get_node_id()
 
     return ray.remote(ShardActor)
+
+
+def _neuroal_cause(exc: BaseException) -> NeuroalError | None:
+    """The NeuroalError a shard raised (what it met setting up, or in a call), or None: the CLI answers it in
+    one line, where Ray's wrapper (`RayTaskError`) would print the actor's traceback."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, NeuroalError) else None
 
 
 class Handle:
@@ -140,7 +270,10 @@ class RayChain:
         self._state: list[list[tuple[str, tuple]]] = [[] for _ in self.specs]
         self.placement = place_shards(self.n_shards, device)
         p = self.placement
-        self.sink = _progress_sink_class().remote()
+        # by name, not a handle in the shards' constructor arguments: Ray keeps a handle argument in the
+        # object store, and a restart whose arguments were lost would fail (ray-project/ray#53727)
+        sink_name = f"neuroal-progress-{uuid.uuid4().hex}"
+        self.sink = _progress_sink_class().options(name=sink_name).remote()
         self._progress_thread = None
         self.pgs, self.actors = [], []
         cls = _shard_actor_class()
@@ -166,9 +299,16 @@ class RayChain:
                 actor_device = "auto" if p.uses_gpu else "cpu"
                 self.actors.append(cls.options(**opts).remote(
                     str(model), self.specs[first + j], dtype, actor_device, p.threads,
-                    None if resume_dir is None else str(resume_dir), self.sink, shard_options or {}))
+                    None if resume_dir is None else str(resume_dir), sink_name, shard_options or {}))
             first += size
-        self._pids = ray.get([a.ping.remote() for a in self.actors])  # a new pid = a restarted actor
+        try:
+            self._pids = ray.get([a.ping.remote() for a in self.actors])  # a new pid = a restarted actor
+        except ray.exceptions.RayTaskError as exc:
+            problem = _neuroal_cause(exc)
+            if problem is None:
+                raise
+            self.release()
+            raise problem from exc
 
     # ------------------------------------------------------------------ submission
 
@@ -222,6 +362,9 @@ class RayChain:
                 # before its state was replayed (ShardStateLost): all recovered the same way
                 lost = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
                 if not isinstance(exc, lost) and not isinstance(getattr(exc, "cause", None), ShardStateLost):
+                    problem = _neuroal_cause(exc)
+                    if problem is not None:
+                        raise problem from exc
                     raise
                 if attempt == self.max_restarts:
                     raise
@@ -242,8 +385,6 @@ class RayChain:
 
     def _recover(self, shard: int) -> None:
         """Wait for Ray to restart the actor (it reloads its blocks), then replay its state."""
-        import time
-
         import ray
 
         deadline = time.monotonic() + self.recover_timeout_s
@@ -251,9 +392,15 @@ class RayChain:
             try:
                 pid = ray.get(self.actors[shard].ping.remote(), timeout=60)
                 break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-                if time.monotonic() > deadline:
+            except ray.exceptions.RayTaskError as exc:  # restarted where it cannot set up: say why, once
+                problem = _neuroal_cause(exc)
+                if problem is None:
                     raise
+                raise problem from exc
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError) as exc:
+                if getattr(exc, "actor_init_failed", False) or time.monotonic() > deadline:
+                    raise  # a constructor that raised is not restarted by Ray: no use waiting
                 time.sleep(0.5)
         if pid == self._pids[shard]:
             return  # this actor lived; the call failed for a lost input, now recovered

@@ -31,9 +31,10 @@ from neuroal.methods import METHODS, parse_pattern
 from neuroal.models import load_config, load_tokenizer, resolve_model
 from neuroal.refiners import REFINERS
 from neuroal.stats import ExpertRule
-from orchestrator import evaluate
+from orchestrator import evaluation
 from orchestrator.evidence import collect
 from orchestrator.pipeline import run_stream
+from orchestrator.record import RunRecord
 from orchestrator.resume import restore_allocation, save_allocation
 from orchestrator.session import Session, check_pattern, check_positions, open_session
 from orchestrator.outputs import RunOutput, save_checkpoint
@@ -106,6 +107,27 @@ def check_memory(spec: PruneSpec, config) -> None:
         raise SpecError("--nsamples", spec.nsamples, f"at most {fits} with --seqlen {spec.seqlen}: the final pass holds "
                         f"2 x nsamples x seqlen x hidden ({hidden}) x {e} bytes = {need / 1e9:.1f} GB, and this machine "
                         f"has {free / 1e9:.1f} GB free")
+
+
+def check_services(spec: PruneSpec, store: bool | str | Path = True) -> None:
+    """Where results go can take them, and the storage URIs and the Ray cluster the run needs answer:
+    checked before anything is read or written.
+
+    Raises:
+        NeuroalError: `--out` or `--store` is a file or cannot be created.
+        StorageAccessError: `--out`, `--store` or `--model` is a URI this process cannot reach.
+        RayUnavailable: `--address` names a Ray cluster that does not answer.
+    """
+    fileio.check_folder(spec.out or spec.default_out(), "--out")
+    if store is not False:
+        from orchestrator.store import store_dir
+
+        fileio.check_folder(store_dir(None if store is True else store), "--store")
+    fileio.check_access(spec.model, "--model")
+    if spec.executor == "ray" and spec.address:
+        from orchestrator.ray_chain import check_address
+
+        check_address(spec.address)
 
 
 def preflight(spec: PruneSpec) -> tuple[torch.Tensor, str]:
@@ -224,10 +246,10 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
             timings[phase] = time.perf_counter() - t0
 
     def evals(location=None, zeroshot=(), times=None):
-        return evaluate.evaluate(session, location, perplexity_sets=spec.eval, seqlen=spec.seqlen,
+        return evaluation.evaluate(session, location, perplexity_sets=spec.eval, seqlen=spec.seqlen,
                                  windows=spec.eval_windows, zeroshot_tasks=zeroshot, limit=spec.zeroshot_limit,
                                  data_dir=data_dir, timings=times, num_fewshot=spec.num_fewshot,
-                                 include=evaluate.task_folder(spec.zeroshot_include) if zeroshot else None)
+                                 include=evaluation.task_folder(spec.zeroshot_include) if zeroshot else None)
 
     ppl_dense = timed("eval_dense", evals)["perplexity"] if spec.eval_dense else {}
     alloc = timed("allocation", _restore_or_allocate, spec, session, calib, opts, progress, resume_dir)
@@ -278,14 +300,16 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
 
 
 def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path = True,
-          progress: Progress = _noop) -> dict:
-    """Prune `spec` into its out folder (a finished identical run is returned as it is); returns run.json.
+          progress: Progress = _noop) -> RunRecord:
+    """Prune `spec` into its out folder (a finished identical run is returned as it is); returns the
+    run's record, from which its run.json and results rows are written.
 
     Args:
         store: append the results rows to the default store (True), to this folder, or not (False).
         progress: receives events: ("resumed", out=), ("open", n_blocks=), ("phase", name=),
             ("block", kind=, block=) from in-process shards, ("candidate", step=, lam=, outcome=).
     """
+    check_services(spec, store)
     output = RunOutput(spec.out or spec.default_out(), spec.cell_key())
     previous = output.previous()
     if previous is not None and not overwrite:
@@ -298,16 +322,13 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
                                             shards=spec.shards, dtype=spec.dtype, device=spec.device,
                                             address=spec.address, num_fewshot=spec.num_fewshot,
                                             zeroshot_include=spec.zeroshot_include)
+        record = RunRecord.from_json(run)
         if changed and store is not False:
             from orchestrator.store import append_run_rows
 
-            append_run_rows(run, None if store is True else store)
-        return run
+            append_run_rows(record, None if store is True else store)
+        return record
     output.check_free(overwrite)
-    if store is not False:
-        from orchestrator.store import store_dir
-
-        fileio.check_folder(store_dir(None if store is True else store), "--store")
     calibration = preflight(spec)
     session = session_for(spec, resume_dir=output.resume_location)
     try:
@@ -322,16 +343,17 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
             if session.offload != "none":
                 run["offload"] = {"mode": session.offload, "why": session.offload_reason,
                                   "shards": [r["offload"] for r in run["shard_reports"]]}
+            record = RunRecord.from_json(run)
             with tempfile.TemporaryDirectory() as tmp:
                 from orchestrator.plots import run_plots
 
-                run_plots(run, Path(tmp))
+                run_plots(record, Path(tmp))
                 output.put_local_folder(Path(tmp), location)
-            output.finish(location, run)
+            output.finish(location, record.to_json())
     finally:
         session.close()
     if store is not False:
         from orchestrator.store import append_run_rows
 
-        append_run_rows(run, None if store is True else store)
-    return run
+        append_run_rows(record, None if store is True else store)
+    return record

@@ -141,39 +141,41 @@ def append_rows(folder: str | Path, rows: list[dict]) -> int:
     return len(fresh)
 
 
-def run_rows(run: dict, *, run_id: str | None = None) -> list[dict]:
-    """Rows of one prune's run.json: sparsity, and each perplexity (dense ones as their own metric)."""
-    spec = run["spec"]
+def run_rows(run, *, run_id: str | None = None) -> list[dict]:
+    """Rows of one run (its record, or run.json): sparsity, and every evaluation on record with its
+    protocol (dense perplexities as their own metric)."""
+    from orchestrator.record import RunRecord
+
+    rec = RunRecord.from_json(run)
+    spec, data = rec.spec, rec.data
     base = {
-        "run_id": run_id or run.get("run_id") or uuid.uuid4().hex[:12],
-        "cell_key": run["cell_key"],
+        "run_id": run_id or data.get("run_id") or uuid.uuid4().hex[:12],
+        "cell_key": rec.cell_key,
         "model": spec["model"],
         "method": spec["method"],
         "top_up": spec["top_up"],
-        "sparsity": run["sparsity_target"],
+        "sparsity": rec.sparsity_target,
         "pattern": spec["pattern"],
         "seed": spec["seed"],
         "calibration": spec["calibration"],
         "seqlen": spec["seqlen"],
-        "lambda_block": run.get("lambda_block"),
-        "lambda_row": run.get("lambda_row"),
-        "sparsity_actual": run.get("sparsity_actual"),
-        "wall_s": float(sum(run.get("timings_s", {}).values())),
-        "host": run.get("host") or socket.gethostname(),
-        "versions": json.dumps(run.get("versions", {}), sort_keys=True),
-        "data_version": run.get("data_version", DATA_VERSION),
-        "grid_version": run.get("grid_version", GRID_VERSION),
+        "lambda_block": rec.lambda_block,
+        "lambda_row": rec.lambda_row,
+        "sparsity_actual": rec.sparsity_actual,
+        "wall_s": float(sum(rec.timings_s.values())),
+        "host": data.get("host") or socket.gethostname(),
+        "versions": json.dumps(rec.versions, sort_keys=True),
+        "data_version": data.get("data_version", DATA_VERSION),
+        "grid_version": data.get("grid_version", GRID_VERSION),
         "timestamp": time.time(),
     }
     rows = [] if spec["method"] == "dense" else [  # a dense model's evaluation has no prune of its own
-        dict(base, task="prune", metric="sparsity_actual", value=run.get("sparsity_actual"), stderr=None, eval_key="")]
-    from orchestrator.evaluate import recorded
-
-    for e in recorded(run):  # every evaluation on record, each with its protocol
-        rows.append(dict(base, task=e["task"], metric=e["metric"], value=e["value"], stderr=e.get("stderr"),
-                         eval_key=e.get("eval_key", ""), protocol=e.get("protocol")))
-    info = run.get("eval_data", {})
-    for name, v in run.get("perplexity_dense", {}).items():
+        dict(base, task="prune", metric="sparsity_actual", value=rec.sparsity_actual, stderr=None, eval_key="")]
+    for e in rec.evaluations:  # every evaluation on record, each with its protocol
+        rows.append(dict(base, task=e.task, metric=e.metric, value=e.value, stderr=e.stderr, eval_key=e.eval_key,
+                         protocol=e.protocol))
+    info = data.get("eval_data", {})
+    for name, v in rec.perplexity_dense.items():
         rows.append(dict(base, task=name, metric="perplexity_dense", value=v, stderr=None,
                          eval_key=info.get(name, {}).get("eval_key", "")))
     return rows

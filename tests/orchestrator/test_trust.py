@@ -76,14 +76,14 @@ def test_block_sparsity_plot_draws_the_chosen_allocation_and_uniform(tiny_dirs, 
 
 
 def test_a_rerun_with_a_new_eval_computes_only_the_new_metric(tiny_dirs, shared_data, tmp_path, monkeypatch):
-    from orchestrator import evaluate
+    from orchestrator import evaluation
     from orchestrator.store import read_store
 
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     first = prune(_spec(tmp_path, tiny_dirs["llama"], shared_data, eval="wikitext2", eval_windows=2))
     computed = []
-    real = evaluate.perplexity
-    monkeypatch.setattr(evaluate, "perplexity", lambda s, name, *a, **k: (computed.append(name), real(s, name, *a, **k))[1])
+    real = evaluation.perplexity
+    monkeypatch.setattr(evaluation, "perplexity", lambda s, name, *a, **k: (computed.append(name), real(s, name, *a, **k))[1])
     second = prune(_spec(tmp_path, tiny_dirs["llama"], shared_data, eval="c4", eval_windows=2))
     assert computed == ["c4"]  # the checkpoint was kept, only the missing metric computed
     assert second["perplexity"]["wikitext2"] == first["perplexity"]["wikitext2"] and "c4" in second["perplexity"]

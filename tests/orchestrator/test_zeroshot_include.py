@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import make_tiny_checkpoint
 from neuroal.data import DATA_VERSION
-from orchestrator import evaluate
+from orchestrator import evaluation
 from orchestrator.cli import app
 from orchestrator.spec import eval_key
 from orchestrator.store import append_rows, existing_keys, read_store
@@ -122,7 +122,7 @@ def test_a_group_reports_its_aggregate_and_its_subtasks_as_stock(tiny, user_task
     assert ("colours_and_sums", "acc") in ours and ("colours_mc", "acc_norm") in ours
     assert ours == _stock(tiny, user_tasks, ["colours_and_sums"], limit=8)
     assert {r["eval_key"] for r in read_store(store).table.to_pylist()} == {  # one key: the request
-        evaluate.zeroshot_key("colours_and_sums", 8, include=evaluate.task_folder(str(user_tasks)))}
+        evaluation.zeroshot_key("colours_and_sums", 8, include=evaluation.task_folder(str(user_tasks)))}
 
 
 # ----------------------------------------------------------------------------- one line, exit 2, nothing written
@@ -171,34 +171,34 @@ def test_default_zeroshot_keys_are_unchanged_and_shots_and_definitions_join_them
     old = hashlib.sha256(json.dumps({"kind": "zeroshot", "name": "arc_easy", "seqlen": None, "windows": None,
                                      "limit": 100, "data_version": DATA_VERSION}, sort_keys=True).encode())
     assert eval_key("zeroshot", "arc_easy", limit=100) == old.hexdigest()[:16]  # stores keep their keys
-    folder = evaluate.task_folder(str(user_tasks))
+    folder = evaluation.task_folder(str(user_tasks))
     row = {"task": "arc_easy", "metric": "acc", "value": 0.5, "stderr": 0.1, "n_docs": 100}
-    assert evaluate.keyed_zeroshot([row], 100, include=folder)[0]["eval_key"] == old.hexdigest()[:16]
-    assert evaluate.zeroshot_key("arc_easy", 100, num_fewshot=2) != old.hexdigest()[:16]
-    own = evaluate.zeroshot_key("colours_mc", None, include=folder)
+    assert evaluation.keyed_zeroshot([row], 100, include=folder)[0]["eval_key"] == old.hexdigest()[:16]
+    assert evaluation.zeroshot_key("arc_easy", 100, num_fewshot=2) != old.hexdigest()[:16]
+    own = evaluation.zeroshot_key("colours_mc", None, include=folder)
     assert own != eval_key("zeroshot", "colours_mc")  # the definitions it came from are part of it
 
 
 def test_missing_asks_again_only_for_what_was_made_differently(user_tasks):
-    folder = evaluate.task_folder(str(user_tasks))
+    folder = evaluation.task_folder(str(user_tasks))
     rows = [{"task": "colours_mc", "metric": "acc", "value": 0.5, "stderr": 0.1, "n_docs": 20,
              "request": "colours_and_sums"}]
-    keyed = evaluate.keyed_zeroshot(rows, None, include=folder)
-    run = {"evaluations": evaluate.zeroshot_entries(keyed, None)}
+    keyed = evaluation.keyed_zeroshot(rows, None, include=folder)
+    run = {"evaluations": evaluation.zeroshot_entries(keyed, None)}
     kw = dict(perplexity_sets=(), seqlen=32, windows=None, limit=None, include=folder)
-    assert evaluate.missing(run, zeroshot_tasks=["colours_and_sums"], **kw) == ([], [])  # found by its key
-    assert evaluate.missing(run, zeroshot_tasks=["colours_and_sums"], num_fewshot=1, **kw) == ([], ["colours_and_sums"])
+    assert evaluation.missing(run, zeroshot_tasks=["colours_and_sums"], **kw) == ([], [])  # found by its key
+    assert evaluation.missing(run, zeroshot_tasks=["colours_and_sums"], num_fewshot=1, **kw) == ([], ["colours_and_sums"])
     edited = dataclasses.replace(folder, digest="0" * 16)
-    assert evaluate.missing(run, zeroshot_tasks=["colours_and_sums"], **dict(kw, include=edited))[1] == ["colours_and_sums"]
+    assert evaluation.missing(run, zeroshot_tasks=["colours_and_sums"], **dict(kw, include=edited))[1] == ["colours_and_sums"]
 
 
 def test_the_users_definitions_travel_to_a_process_that_cannot_read_them(user_tasks):
-    folder = evaluate.task_folder(str(user_tasks))
-    with evaluate.task_folder_here(folder) as here:
+    folder = evaluation.task_folder(str(user_tasks))
+    with evaluation.task_folder_here(folder) as here:
         assert here == str(user_tasks)  # the driver's machine: the folder itself (hooks beside their data)
     elsewhere = dataclasses.replace(folder, path="/nonexistent/tasks")
-    with evaluate.task_folder_here(elsewhere) as here:
-        assert here != elsewhere.path and evaluate.task_folder(here).digest == folder.digest
+    with evaluation.task_folder_here(elsewhere) as here:
+        assert here != elsewhere.path and evaluation.task_folder(here).digest == folder.digest
     assert not Path(here).exists()
 
 
@@ -262,8 +262,8 @@ def test_a_prune_evaluates_the_users_task_once_per_way_of_asking(tiny, user_task
     assert {(r["task"], r["metric"]) for r in first["zeroshot"]} >= {("colours_mc", "acc"),
                                                                       ("sums_gen", "exact_match,strict-match")}
     asked = []
-    real = evaluate.zeroshot
-    monkeypatch.setattr(evaluate, "zeroshot", lambda *a, **k: (asked.append(list(a[1])), real(*a, **k))[1])
+    real = evaluation.zeroshot
+    monkeypatch.setattr(evaluation, "zeroshot", lambda *a, **k: (asked.append(list(a[1])), real(*a, **k))[1])
     prune(spec(), store=tmp_path / "store")
     assert asked == []  # the same tasks, shots and definitions: on record already
     again = prune(spec(num_fewshot=1), store=tmp_path / "store")
@@ -275,7 +275,7 @@ def test_a_prune_evaluates_the_users_task_once_per_way_of_asking(tiny, user_task
 def test_a_grid_cell_evaluates_the_users_task_with_its_key(tiny, user_tasks, offline):
     from orchestrator.grid import eval_cell
 
-    folder = evaluate.task_folder(str(user_tasks))
+    folder = evaluation.task_folder(str(user_tasks))
     rows = eval_cell(str(tiny), "zeroshot", "sums_gen", 32, None, None, 4, 1, folder)
-    assert {r["eval_key"] for r in rows} == {evaluate.zeroshot_key("sums_gen", 4, num_fewshot=1, include=folder)}
+    assert {r["eval_key"] for r in rows} == {evaluation.zeroshot_key("sums_gen", 4, num_fewshot=1, include=folder)}
     assert {r["metric"] for r in rows} >= {"exact_match,strict-match", "exact_match,flexible-extract"}

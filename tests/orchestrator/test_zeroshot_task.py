@@ -9,7 +9,7 @@ import threading
 import pytest
 import ray
 
-from orchestrator.evaluate import torch_threads_of_task, zeroshot_resources
+from orchestrator.evaluation import torch_threads_of_task, zeroshot_resources
 from orchestrator.placement import Placement
 from orchestrator.run import prune
 from orchestrator.spec import build_spec
@@ -83,15 +83,15 @@ def test_the_users_tasks_run_in_the_ray_task_from_the_copy_sent_with_it(one_gpu_
     that does not exist) runs the YAMLs and hooks sent with the task, and gets what the driver gets."""
     import dataclasses
 
-    from orchestrator import evaluate
+    from orchestrator import evaluation
 
-    folder = evaluate.task_folder(str(user_tasks))
+    folder = evaluation.task_folder(str(user_tasks))
     elsewhere = dataclasses.replace(folder, path="/nonexistent/tasks")
     kw = dict(shards=1, device="cpu", address=None, num_fewshot=1)
     tasks = ["colours_mc", "sums_gen"]
-    on_ray = evaluate.zeroshot_without_shards(str(tiny_dirs["llama"]), tasks, None, 4, executor="ray",
+    on_ray = evaluation.zeroshot_without_shards(str(tiny_dirs["llama"]), tasks, None, 4, executor="ray",
                                               include=elsewhere, **kw)
-    here = evaluate.zeroshot_without_shards(str(tiny_dirs["llama"]), tasks, None, 4, executor="local", include=folder,
+    here = evaluation.zeroshot_without_shards(str(tiny_dirs["llama"]), tasks, None, 4, executor="local", include=folder,
                                             **kw)
     assert on_ray == here
     assert {r["metric"] for r in on_ray} >= {"acc", "acc_norm", "exact_match,strict-match", "answer_chars,whole"}

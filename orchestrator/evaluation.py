@@ -191,7 +191,7 @@ def recorded(run: dict) -> list[dict]:
         return list(run["evaluations"])
     data = run.get("eval_data", {})
     entries = [perplexity_entry(n, v, data[n]) for n, v in run.get("perplexity", {}).items() if "eval_key" in data.get(n, {})]
-    return entries + [dict(r, kind="zeroshot", protocol=protocol(n_docs=r.get("n_docs"))) for r in run.get("zeroshot", [])]
+    return entries + [dict(r, kind="zeroshot", protocol=f"{r.get('n_docs')} documents") for r in run.get("zeroshot", [])]
 
 
 def missing(run: dict, *, perplexity_sets, seqlen, windows, zeroshot_tasks, limit, num_fewshot: int = 0,

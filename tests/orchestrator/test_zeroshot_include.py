@@ -279,3 +279,13 @@ def test_a_grid_cell_evaluates_the_users_task_with_its_key(tiny, user_tasks, off
     rows = eval_cell(str(tiny), "zeroshot", "sums_gen", 32, None, None, 4, 1, folder)
     assert {r["eval_key"] for r in rows} == {evaluation.zeroshot_key("sums_gen", 4, num_fewshot=1, include=folder)}
     assert {r["metric"] for r in rows} >= {"exact_match,strict-match", "exact_match,flexible-extract"}
+
+
+def test_the_python_api_takes_the_same_options(tiny, user_tasks, offline):
+    from orchestrator import evaluate
+
+    record = evaluate(str(tiny), zeroshot="colours_and_sums", zeroshot_include=str(user_tasks), num_fewshot=1,
+                      zeroshot_limit=4, executor="local", store=False)
+    rows = {(e.task, e.metric): e for e in record.evaluations}
+    assert rows[("colours_and_sums", "acc")].num_fewshot == 1 and rows[("colours_mc", "acc")].request == "colours_and_sums"
+    assert rows[("sums_gen", "exact_match,flexible-extract")].protocol == "4 documents (--zeroshot-limit 4), 1-shot"

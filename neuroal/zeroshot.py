@@ -59,7 +59,7 @@ class ZeroShotResult:
     metric: str  # lm-eval's metric key without a ",none" filter: "acc", "acc_norm", "exact_match,strict-match"
     value: float
     stderr: float  # nan when lm-eval reports none
-    n_docs: int  # documents actually scored (after `limit`; a group: the sum over its subtasks)
+    n_docs: int  # documents actually scored (after `limit`; a group's aggregate: the documents behind it)
     request: str  # the name asked for: the task itself, or the group or tag it was scored under
 
 
@@ -91,7 +91,7 @@ def _folder_index(folder: Path) -> tuple[frozenset[str], list[str]]:
         try:
             TaskIndex.process_cfg(load_yaml(path, resolve_func=False, recursive=True), path, index)
         except Exception as exc:  # lm-eval's index skips these too; we say so when a name is not found
-            unreadable.append(f"{path.relative_to(folder)} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            unreadable.append(f"{path.relative_to(folder)} ({_first_line(exc)})")
     return frozenset(index), unreadable
 
 

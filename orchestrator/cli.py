@@ -32,6 +32,20 @@ INCLUDE_HELP = "folder of your own lm-eval task YAMLs (lm-eval's --include_path)
 FEWSHOT_HELP = "examples per zero-shot prompt (lm-eval's --num_fewshot; a task whose YAML says 0 stays 0)"
 
 
+def _version(value: bool) -> None:
+    if value:
+        from neuroal import __version__
+
+        typer.echo(f"neuroal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
+    """Distributed one-shot pruning of LLMs (NeuroAL)."""
+
+
 def _fail(exc: Exception) -> None:
     from rich.markup import escape
 

@@ -17,6 +17,8 @@ registries), with an optional `include:` base file like lm-eval task YAMLs. `neu
 
 from __future__ import annotations
 
+import difflib
+
 import itertools
 import logging
 import time
@@ -28,12 +30,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neuroal.allocation import ALLOCATORS
-from neuroal.data import DATA_VERSION, DATASETS
+from neuroal.data import DATA_VERSION
 from neuroal.errors import SpecError
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.zeroshot import TaskFolder, check_tasks
 from orchestrator.evaluation import TransientError, keyed_zeroshot, task_folder, transient, zeroshot_key
-from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec, first_error, zeroshot_folder
+from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec, check_datasets, first_error, zeroshot_folder
 
 logger = logging.getLogger(__name__)
 RUNS_DIR = "_runs"  # cell run folders inside the store; pyarrow skips "_" paths when reading rows
@@ -48,9 +50,7 @@ class Tasks(BaseModel):
     @field_validator("perplexity")
     @classmethod
     def _ppl(cls, v):
-        for name in v:
-            if name not in DATASETS and "." not in name:
-                raise SpecError("tasks.perplexity", name, list(DATASETS) + ["a .txt/.jsonl/.parquet file"])
+        check_datasets(v, "tasks.perplexity")
         return v
 
 
@@ -174,7 +174,9 @@ def load_grid(path: str | Path) -> Grid:
         loc = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             allowed = Grid.model_fields if len(err["loc"]) == 1 else (Tasks.model_fields if err["loc"][0] == "tasks" else Resources.model_fields)
-            raise SpecError(f"grid key {loc!r}", "unknown", sorted(allowed)) from None
+            close = difflib.get_close_matches(str(err["loc"][-1]), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"grid key {loc!r}", "unknown", ", ".join(sorted(allowed)) + hint) from None
         if err["type"] == "missing":
             raise SpecError(f"grid key {loc!r}", "missing", "required") from None
         raise SpecError(f"grid key {loc!r}", err.get("input"), err["msg"]) from None

@@ -5,6 +5,7 @@ Every bad value becomes one `SpecError` line naming the flag and the allowed val
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -32,6 +33,16 @@ def _knob_fields() -> tuple[str, ...]:
 NOT_RESULT = ("neuroal_tie_check",)  # knobs that only add checks; the pruned model is the same
 RESULT_KNOBS = ("blocksize", "percdamp", "dtype", "moe_calibrate_all_experts", "moe_min_tokens",
                 *(k for k in _knob_fields() if k not in NOT_RESULT))
+
+
+def check_datasets(names, field: str) -> tuple[str, ...]:
+    """Perplexity datasets: a known name or a file (with an extension); the one rule for flags and grids."""
+    for name in names:
+        if name not in DATASETS and "." not in name:
+            close = difflib.get_close_matches(name, DATASETS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(field, name, ", ".join(DATASETS) + ", a .txt/.jsonl/.parquet file" + hint)
+    return tuple(names)
 
 
 def _name_list(v) -> tuple[str, ...]:
@@ -143,11 +154,7 @@ class PruneSpec(BaseModel):
     @field_validator("eval", mode="before")
     @classmethod
     def _eval(cls, v) -> tuple[str, ...]:
-        names = _name_list(v)
-        for name in names:
-            if name not in DATASETS and "." not in name:
-                raise SpecError("--eval", name, list(DATASETS) + ["a .txt/.jsonl/.parquet file"])
-        return names
+        return check_datasets(_name_list(v), "--eval")
 
     @field_validator("zeroshot", mode="before")
     @classmethod

@@ -80,7 +80,8 @@ CASES = [
     (P + ["--top-up", "owl2"], "--top-up: got 'owl2'"),
     (P + ["--pattern", "4:4"], "--pattern: got '4:4'"),
     (P + ["--pattern", "2:4", "--top-up", "neuroal"], "--top-up: got 'neuroal'; allowed: uniform, dsnot"),
-    (P + ["--eval", "wikitext3"], "--eval: got 'wikitext3'"),
+    (P + ["--eval", "wikitext3"], "--eval: got 'wikitext3'; allowed: wikitext2, c4, ptb, a .txt/.jsonl/.parquet file "
+                                  "(did you mean 'wikitext2'?)"),
     (P + ["--eval", "wikitext2", "--eval-windows", "0"], "--eval-windows: got 0; allowed: a positive integer"),
     (P + ["--eval", "wikitext2", "--eval-windows", "-3"], "--eval-windows: got -3"),
     (P + ["--zeroshot", "arc_easy", "--zeroshot-limit", "0"], "--zeroshot-limit: got 0; allowed: a positive integer"),
@@ -133,7 +134,8 @@ CASES = [
     (["grid", "{root}/missing.yaml", "--check"], "grid: got '{root}/missing.yaml'; allowed: a readable YAML file"),
     (["grid", "{root}/grid_badyaml.yaml", "--check"], "allowed: valid YAML"),
     (["grid", "{root}/grid_list.yaml", "--check"], "allowed: a YAML mapping of grid keys"),
-    (["grid", "{root}/grid_typo.yaml", "--check"], "grid key"),
+    (["grid", "{root}/grid_typo.yaml", "--check"], "grid key 'methdo': got 'unknown'; allowed: "),
+    (["grid", "{root}/grid_typo.yaml", "--check"], "(did you mean 'methods'?)"),
     (["grid", "{root}/grid_method.yaml", "--check"], "got 'obs'; allowed: magnitude, wanda"),
     (["grid", "{root}/grid_sparsity.yaml", "--check"], "got 1.5"),
     (["grid", "{root}/grid_method.yaml", "--store", "{root}/afile"], "--store: {root}/afile is a file"),
@@ -235,6 +237,11 @@ def test_a_quick_eval_never_replaces_the_full_one_in_run_json(tiny_dirs, shared_
     assert sorted(e["windows"] for e in fuller["evaluations"]) == [2, 6, 8]
     rows = [r for r in read_store(tmp_path / "store").table.to_pylist() if r["metric"] == "perplexity"]
     assert sorted(r["protocol"] for r in rows) == [f"seqlen 32, {n} of 9530 windows" for n in (2, 6, 8)]
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip().startswith("neuroal 0.")
 
 
 def test_allocation_resume_file_round_trips_exactly():

@@ -125,10 +125,15 @@ def s3(monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     import boto3
+    import requests
 
+    # moto keeps its buckets per process, not per server: start from none (another test's server may
+    # have left objects in a bucket of the same name)
+    requests.post(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", timeout=10).raise_for_status()
     client = boto3.client("s3", aws_access_key_id="test", aws_secret_access_key="test")
     client.create_bucket(Bucket=BUCKET)
     yield env, client
+    requests.post(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", timeout=10)
     srv.stop()
     s3fs.S3FileSystem.clear_instance_cache()
 

@@ -215,26 +215,87 @@ def load_documents(name: str, split: str, data_dir: Path | None) -> Documents:
 # ---------------------------------------------------------------- perplexity
 
 
-def perplexity_tokens(name: str, tokenizer, seqlen: int, data_dir: Path | None) -> tuple[Tensor, str]:
-    """The token stream [N] a perplexity is computed on, and its origin."""
+def perplexity_text(name: str, data_dir: Path | None) -> tuple[str, str]:
+    """The text a perplexity is computed on (before tokenizing), and its origin."""
     if name == "wikitext2":
         docs = load_documents(name, "test", data_dir)
-        text = "\n\n".join(docs.docs)
-    elif name == "c4":
+        return "\n\n".join(docs.docs), docs.origin
+    if name == "c4":
         docs = load_documents(name, "validation", data_dir)
-        text = " ".join(docs.docs[:C4_VAL_DOCS])
-    elif name == "ptb":
-        docs = load_documents(name, "test", data_dir)
-        text = " ".join(docs.docs)
-    else:
-        docs = load_documents(name, "test", data_dir)
-        text = "\n\n".join(docs.docs)
-    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+        return " ".join(docs.docs[:C4_VAL_DOCS]), docs.origin
+    docs = load_documents(name, "test", data_dir)
+    return (" " if name == "ptb" else "\n\n").join(docs.docs), docs.origin
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+def tokenizer_digest(folder: Path) -> str | None:
+    """A digest of the tokenizer files in a checkpoint folder and of the tokenizer libraries'
+    versions: what a token stream depends on besides its text. None when there are no such files."""
+    import tokenizers
+    import transformers
+
+    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if not files:
+        return None
+    h = hashlib.sha256(f"transformers {transformers.__version__} tokenizers {tokenizers.__version__}".encode())
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    """Tokenized evaluation streams on disk (`.npy`, read without pickle), keyed by the text's and
+    the tokenizer's digests: a one-off `neuroal eval` does not tokenize the same test file again.
+    A damaged or foreign file is a miss, and is overwritten."""
+
+    root: Path
+    tokenizer: str  # `tokenizer_digest`
+
+    def path(self, text: str) -> Path:
+        key = hashlib.sha256(self.tokenizer.encode() + hashlib.sha256(text.encode()).digest()).hexdigest()
+        return self.root / f"{key[:32]}.npy"
+
+    def get(self, text: str) -> Tensor | None:
+        try:
+            ids = np.load(self.path(text), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        if ids.ndim != 1 or ids.dtype != np.int64:
+            return None
+        return torch.from_numpy(ids)
+
+    def put(self, text: str, ids: Tensor) -> None:
+        from neuroal.fileio import atomic_path
+
+        try:
+            with atomic_path(self.path(text)) as tmp, open(tmp, "wb") as f:
+                np.save(f, ids.numpy(), allow_pickle=False)
+        except OSError as exc:  # a read-only home: no cache, same result
+            logger.debug("token cache not written: %s", exc)
+
+
+def perplexity_tokens(name: str, tokenizer, seqlen: int, data_dir: Path | None, *,
+                      cache: TokenCache | None = None) -> tuple[Tensor, str]:
+    """The token stream [N] a perplexity is computed on, and its origin.
+
+    `tokenizer` is a tokenizer or a function returning one (called only when `cache` misses).
+    """
+    text, origin = perplexity_text(name, data_dir)
+    ids = cache.get(text) if cache is not None else None
+    if ids is None:
+        tok = tokenizer() if callable(tokenizer) and not hasattr(tokenizer, "encode") else tokenizer
+        ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
+        if cache is not None:
+            cache.put(text, ids)
     if name == "c4":
         ids = ids[: C4_VAL_WINDOWS * seqlen]
     if ids.numel() < seqlen:
         raise DataError(f"data: {name} has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
-    return ids, docs.origin
+    return ids, origin
 
 
 def perplexity_windows(ids: Tensor, seqlen: int) -> Tensor:

@@ -33,6 +33,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def cache_root() -> Path:
+    """Where converted models, fetched shards' files and tokenized streams are kept ($NEUROAL_CACHE)."""
+    return Path(os.environ.get("NEUROAL_CACHE", Path.home() / ".cache" / "neuroal"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling file path; on success it replaces `path`, on error it is removed."""

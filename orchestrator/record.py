@@ -36,6 +36,7 @@ class Evaluation:
     n_docs: int | None = None
     num_fewshot: int | None = None  # zero-shot: examples per prompt (lm-eval's --num_fewshot)
     request: str | None = None  # zero-shot: the task or group asked for (a group's name on its subtasks' rows)
+    dtype: str | None = None  # the compute dtype it was made in (None: recorded before that was kept)
 
     @classmethod
     def from_entry(cls, entry: Mapping) -> Evaluation:

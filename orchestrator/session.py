@@ -6,6 +6,7 @@ here take the parameters they use, the `PruneSpec` stays at the edge (`orchestra
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from neuroal.data import TokenCache, tokenizer_digest
 from neuroal.devices import dtype_name, resolve_device, resolve_dtype
 from neuroal.errors import SpecError
 from neuroal.families import Family, family_for
+from neuroal.fileio import cache_root
 from neuroal.methods import Pattern
 from neuroal.models import check_checkpoint, load_config, load_tokenizer, resolve_model
 from orchestrator.pipeline import LocalChain
@@ -79,7 +82,6 @@ class Session:
     model_dir: Path
     config: object
     family: Family
-    tokenizer: object
     shard_specs: list[ShardSpec]
     chain: object
     shapes: dict[str, tuple[int, int]]
@@ -89,6 +91,21 @@ class Session:
     token_cache: dict = field(default_factory=dict)  # evaluation token streams, tokenized once
     kwargs_ready: set[int] = field(default_factory=set)
     released_reports: list | None = None  # the shards' reports, kept when their actors were released
+    dtype: str = "float32"  # what the shards compute in (`--dtype` resolved on their devices)
+    _tokenizer: object = None
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded on first use (an evaluation whose streams are cached needs none)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_dir)
+        return self._tokenizer
+
+    @functools.cached_property
+    def token_files(self) -> TokenCache | None:
+        """Tokenized evaluation streams on disk for this model's tokenizer (`neuroal.data.TokenCache`)."""
+        digest = tokenizer_digest(self.model_dir)
+        return None if digest is None else TokenCache(cache_root() / "tokens", digest)
 
     @property
     def n_blocks(self) -> int:
@@ -204,6 +221,22 @@ def compute_kind(device: str, executor: str) -> str:
     return "cuda" if wants_gpus(device, ray.cluster_resources().get("GPU", 0)) else "cpu"
 
 
+def compute_dtype(dtype: str, device: str, executor: str, address: str | None) -> str:
+    """The dtype a session would compute in: `--dtype`, or what "auto" resolves to on the devices the
+    shards get (a named cluster is asked; in process and the embedded instance are this machine).
+    Known before any shard opens, so an evaluation already recorded in it is not made again."""
+    if dtype != "auto":
+        return dtype
+    if executor != "local" and address:
+        from orchestrator.ray_chain import ensure_ray
+
+        ensure_ray(address)
+        kind = compute_kind(device, executor)
+    else:
+        kind = resolve_device(device).type
+    return dtype_name(resolve_dtype(dtype, torch.device(kind)))
+
+
 def _open(model, model_dir, config, family, *, executor, shards, dtype, device, address, gpu_mem, offload, method,
           stream_windows, seqlen, nsamples, shard_specs, resume_dir, started_ray, head_runs=False) -> Session:
     kind = compute_kind(device, executor)
@@ -220,14 +253,16 @@ def _open(model, model_dir, config, family, *, executor, shards, dtype, device, 
         held = [Shard(model_ref, s, dtype=dtype, device=device, resume_dir=resume_dir, **place) for s in shard_specs]
         chain = LocalChain(held)
         shapes = held[0].shapes
+        computes_in = dtype_name(held[0].dtype)
     else:
         from orchestrator.ray_chain import RayChain
 
         chain = RayChain(model_ref, shard_specs, dtype=dtype, device=device, address=address, resume_dir=resume_dir,
                          shard_options=place)
         shapes = chain.get(chain.call(0, Shard.get_shapes))
-    return Session(model_dir, config, family, load_tokenizer(model_dir), shard_specs, chain, shapes,
-                   started_ray=started_ray, offload=mode, offload_reason=why)
+        computes_in = chain.get(chain.call(0, Shard.report))["dtype"]  # a GPU Ray declares without CUDA: fp32
+    return Session(model_dir, config, family, shard_specs, chain, shapes,
+                   started_ray=started_ray, offload=mode, offload_reason=why, dtype=computes_in)
 
 
 def check_pattern(shapes: dict[str, tuple[int, int]], pattern: Pattern | None, text: str) -> None:

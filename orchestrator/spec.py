@@ -83,7 +83,7 @@ class PruneSpec(BaseModel):
     gpu_mem: str | None = None  # per-actor memory budget for the shard plan, e.g. "80GB"
     offload: Literal["auto", "none", "cpu", "disk"] = "auto"  # blocks that do not fit --gpu-mem wait on host/disk
     address: str | None = None
-    executor: Literal["ray", "local"] = "ray"
+    executor: Literal["ray", "local", "auto"] = "ray"  # auto: `resolve_executor` (eval's default)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: the GPU Ray (or this machine) gives, else CPU
     # method and top-up knobs (defaults from the papers' code)
@@ -173,6 +173,13 @@ class PruneSpec(BaseModel):
             raise SpecError("--num-fewshot", v, "a non-negative integer")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _executor(cls, data):
+        if isinstance(data, dict) and data.get("executor") == "auto":
+            data = dict(data, executor=resolve_executor("auto", address=data.get("address"), shards=data.get("shards", 1)))
+        return data
+
     @model_validator(mode="after")
     def _zeroshot_names(self) -> PruneSpec:
         from neuroal.zeroshot import check_tasks
@@ -233,8 +240,11 @@ def zeroshot_folder(path: str, field: str) -> str:
 
 
 def eval_key(kind: str, name: str, *, seqlen: int | None = None, windows: int | None = None,
-             limit: int | None = None, num_fewshot: int = 0, definitions: str | None = None) -> str:
-    """The identity of one evaluation (apart from the model's `cell_key`): what was measured, how.
+             limit: int | None = None, num_fewshot: int = 0, definitions: str | None = None,
+             dtype: str | None = None) -> str:
+    """The identity of one evaluation (apart from the model's `cell_key`): what was measured, how,
+    and in which compute dtype (`dtype`: bf16 and fp32 give different numbers; an evaluation
+    recorded before the dtype was part of its identity matches no request, and is made again).
 
     `num_fewshot` and `definitions` (the digest of the user's task files a zero-shot task came from,
     `TaskFolder.digest`) join the hash only when set, so the keys of 0-shot stock evaluations (and the
@@ -253,6 +263,8 @@ def eval_key(kind: str, name: str, *, seqlen: int | None = None, windows: int | 
         payload["num_fewshot"] = num_fewshot
     if definitions:
         payload["definitions"] = definitions
+    if dtype:
+        payload["dtype"] = dtype
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -270,6 +282,17 @@ def first_error(exc: ValidationError) -> dict:
     return err
 
 
+def resolve_executor(executor: str, *, address: str | None, shards) -> str:
+    """"auto": Ray when a cluster is named (--address / $RAY_ADDRESS) or the job has several shards;
+    else in process. An embedded Ray instance for one shard on this machine adds its start (Ray's
+    processes, an actor importing torch, its shutdown: about 7 s on 2 CPUs,
+    `benchmarks/startup.py`) and nothing else: a one-off `neuroal eval` starts fast."""
+    if executor != "auto":
+        return executor
+    many = isinstance(shards, int) and shards > 1
+    return "ray" if address or many else "local"
+
+
 def build_spec(**kwargs) -> PruneSpec:
     """PruneSpec from keyword flags; any validation failure becomes one SpecError line."""
     try:
@@ -285,4 +308,4 @@ def build_spec(**kwargs) -> PruneSpec:
         raise SpecError(field, err.get("input"), err["msg"]) from None
 
 
-__all__ = ["PruneSpec", "build_spec", "STEPS", "PATTERNS", "GRID_VERSION", "RESULT_KNOBS"]
+__all__ = ["PruneSpec", "build_spec", "resolve_executor", "STEPS", "PATTERNS", "GRID_VERSION", "RESULT_KNOBS"]

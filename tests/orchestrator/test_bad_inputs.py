@@ -236,7 +236,7 @@ def test_a_quick_eval_never_replaces_the_full_one_in_run_json(tiny_dirs, shared_
     assert fuller["perplexity"]["wikitext2"] == next(e["value"] for e in fuller["evaluations"] if e["windows"] == 8)
     assert sorted(e["windows"] for e in fuller["evaluations"]) == [2, 6, 8]
     rows = [r for r in read_store(tmp_path / "store").table.to_pylist() if r["metric"] == "perplexity"]
-    assert sorted(r["protocol"] for r in rows) == [f"seqlen 32, {n} of 9530 windows" for n in (2, 6, 8)]
+    assert sorted(r["protocol"] for r in rows) == [f"seqlen 32, {n} of 9530 windows, float32" for n in (2, 6, 8)]
 
 
 def test_version():

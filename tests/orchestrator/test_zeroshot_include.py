@@ -110,7 +110,7 @@ def test_num_fewshot_2_equals_stock_lm_eval_and_is_its_own_evaluation(tiny, user
     assert _rows(store, "2-shot") == _stock(tiny, user_tasks, ["colours_mc"], 2)
     rows = read_store(store).table.to_pylist()
     keys = {r["protocol"]: r["eval_key"] for r in rows}
-    assert set(keys) == {"20 documents (all)", "20 documents (all), 2-shot"} and len(set(keys.values())) == 2
+    assert set(keys) == {"20 documents (all), float32", "20 documents (all), 2-shot, float32"} and len(set(keys.values())) == 2
 
 
 def test_a_group_reports_its_aggregate_and_its_subtasks_as_stock(tiny, user_tasks, tmp_path, offline):
@@ -122,7 +122,8 @@ def test_a_group_reports_its_aggregate_and_its_subtasks_as_stock(tiny, user_task
     assert ("colours_and_sums", "acc") in ours and ("colours_mc", "acc_norm") in ours
     assert ours == _stock(tiny, user_tasks, ["colours_and_sums"], limit=8)
     assert {r["eval_key"] for r in read_store(store).table.to_pylist()} == {  # one key: the request
-        evaluation.zeroshot_key("colours_and_sums", 8, include=evaluation.task_folder(str(user_tasks)))}
+        evaluation.zeroshot_key("colours_and_sums", 8, include=evaluation.task_folder(str(user_tasks)),
+                                dtype="float32")}
 
 
 # ----------------------------------------------------------------------------- one line, exit 2, nothing written
@@ -277,7 +278,8 @@ def test_a_grid_cell_evaluates_the_users_task_with_its_key(tiny, user_tasks, off
 
     folder = evaluation.task_folder(str(user_tasks))
     rows = eval_cell(str(tiny), "zeroshot", "sums_gen", 32, None, None, 4, 1, folder)
-    assert {r["eval_key"] for r in rows} == {evaluation.zeroshot_key("sums_gen", 4, num_fewshot=1, include=folder)}
+    assert {r["eval_key"] for r in rows} == {evaluation.zeroshot_key("sums_gen", 4, num_fewshot=1, include=folder,
+                                                                     dtype="float32")}
     assert {r["metric"] for r in rows} >= {"exact_match,strict-match", "exact_match,flexible-extract"}
 
 
@@ -288,4 +290,4 @@ def test_the_python_api_takes_the_same_options(tiny, user_tasks, offline):
                       zeroshot_limit=4, executor="local", store=False)
     rows = {(e.task, e.metric): e for e in record.evaluations}
     assert rows[("colours_and_sums", "acc")].num_fewshot == 1 and rows[("colours_mc", "acc")].request == "colours_and_sums"
-    assert rows[("sums_gen", "exact_match,flexible-extract")].protocol == "4 documents (--zeroshot-limit 4), 1-shot"
+    assert rows[("sums_gen", "exact_match,flexible-extract")].protocol == "4 documents (--zeroshot-limit 4), 1-shot, float32"

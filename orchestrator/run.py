@@ -290,6 +290,7 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
         "allocation_extra": alloc.extra,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
+        "plugins": spec.plugins(),  # {distribution: version} of a plug-in method or top-up
         "data_version": DATA_VERSION,
         "grid_version": GRID_VERSION,
         "host": platform.node(),

@@ -127,7 +127,9 @@ class Allocator:
         raise NotImplementedError
 
 
-ALLOCATORS: Registry[type[Allocator]] = Registry("--top-up")
+ALLOCATORS: Registry[type[Allocator]] = Registry("--top-up", group="neuroal.top_ups",
+                                                adapt="neuroal.plugins:as_allocator",
+                                                plugins="an Allocator subclass or instance")
 
 
 def supports_nm_names() -> list[str]:

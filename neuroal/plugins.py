@@ -37,6 +37,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from neuroal.errors import NeuroalError, SpecError
+
 logger = logging.getLogger(__name__)
 
 PATH_FORM = "package.module:object"
@@ -44,6 +46,53 @@ PATH_FORM = "package.module:object"
 
 class PluginTypeError(TypeError):
     """The named object is not something the registry takes; the message says what it is."""
+
+
+class PluginUnavailable(NeuroalError):
+    """A shard actor cannot load a plug-in the driver could, or loads another version of it."""
+
+
+def registries() -> dict:
+    """Field -> the registry that takes plug-ins for it."""
+    from neuroal.allocation import ALLOCATORS
+    from neuroal.methods import METHODS
+
+    return {"--method": METHODS, "--top-up": ALLOCATORS}
+
+
+def plugin_names(method: str, top_up: str) -> dict[str, str]:
+    """{field: name} of the plug-ins among a method and a top-up (empty when both are built in)."""
+    return {f: n for f, n in (("--method", method), ("--top-up", top_up)) if registries()[f].origin(n) is not None}
+
+
+def resolve_here(names: dict[str, str]) -> dict[str, tuple[str, str | None] | str]:
+    """Resolve plug-in names in this process (a shard actor): {field: (distribution, version)}, or the
+    reason it cannot load one."""
+    out: dict[str, tuple[str, str | None] | str] = {}
+    for field, name in names.items():
+        try:
+            origin = registries()[field].origin(name)  # imports the plug-in here
+        except SpecError as exc:
+            out[field] = getattr(exc, "reason", str(exc))
+            continue
+        out[field] = (origin.distribution, origin.version) if origin is not None else ("built in", None)
+    return out
+
+
+def check_found(names: dict[str, str], found: dict, where: str) -> None:
+    """Raise `PluginUnavailable` unless `found` (`resolve_here` on a shard) matches this process's plug-ins.
+
+    >>> check_found({}, {}, "shard 0")
+    """
+    for field, name in names.items():
+        got = found[field]
+        if isinstance(got, str):
+            raise PluginUnavailable(f"{field}: {where} cannot load {name!r} ({got}); install the package on every "
+                                    "node of the cluster (as any dependency)")
+        mine = registries()[field].origin(name)
+        if tuple(got) != (mine.distribution, mine.version):
+            raise PluginUnavailable(f"{field}: {where} has {got[0]} {got[1]}, this process {mine.distribution} "
+                                    f"{mine.version}; install the same version on every node")
 
 
 def split_path(path: str) -> tuple[str, str] | None:

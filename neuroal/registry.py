@@ -107,16 +107,21 @@ class Registry(Generic[T]):
         try:
             obj = ep.load() if ep is not None else P.load_object(name)
         except LookupError as exc:
-            raise SpecError(self.kind, name, self._allowed(str(exc))) from None
+            raise self._refused(name, str(exc)) from None
         except Exception as exc:  # an entry point whose module fails to import
-            raise SpecError(self.kind, name, self._allowed(f"cannot load it: {P._first_line(exc)}")) from exc
+            raise self._refused(name, f"cannot load it: {P._first_line(exc)}") from exc
         module_path, _, function = self._adapt.partition(":")
         try:
             entry = getattr(importlib.import_module(module_path), function)(obj, name)
         except P.PluginTypeError as exc:
-            raise SpecError(self.kind, name, self._allowed(f"it is {exc}")) from None
+            raise self._refused(name, f"it is {exc}") from None
         self._resolved[name] = entry
         return entry
+
+    def _refused(self, name: str, reason: str) -> SpecError:
+        err = SpecError(self.kind, name, self._allowed(reason))
+        err.reason = reason  # what went wrong alone, for a shard actor's report (`PluginUnavailable`)
+        return err
 
     def get(self, name: str) -> T:
         key = self.canonical(name)

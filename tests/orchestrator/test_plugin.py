@@ -59,7 +59,7 @@ version = "0.1.0"
 {short_method} = "{mod}.methods:cubic"
 
 [project.entry-points."neuroal.top_ups"]
-{short_top_up} = "{mod}.allocators:Ramp"
+{short_top_up} = "{mod}.allocators:gentle"
 """
 
 INIT = """\
@@ -78,21 +78,31 @@ def cubic(W, stats):
 ALLOCATORS_PY = '''\
 from dataclasses import dataclass
 
-from neuroal.allocation import Allocation, Allocator
+from neuroal.allocation import Allocation, Allocator, Evidence
 from neuroal.allocation import ratios as R
 
 
 @dataclass(frozen=True)
 class Ramp(Allocator):
-    """Sparsity rising linearly with depth from s - spread to s + spread (mean s)."""
+    """Sparsity rising linearly with depth from s - spread to s + spread (mean s); records each block's
+    mean input norm, summarised where the block lives (on a Ray shard actor: this class travels by reference)."""
 
     spread: float = 0.2
+    evidence = Evidence.BLOCK_STATS
+    stats_kinds = frozenset({"norms"})
     summary = "a linear ramp by depth"
 
-    def allocate(self, problem, evidence=None):
+    def block_summary(self, weights, stats):
+        return sum(float(stats[name].norms.mean()) for name in weights) / len(weights)
+
+    def allocate(self, problem, evidence):
         n = problem.n_blocks
         values = [problem.sparsity + self.spread * (2 * b / (n - 1) - 1) for b in range(n)]
-        return Allocation(R.per_block(values, problem.linears), notes=["ramp by depth"])
+        return Allocation(R.per_block(values, problem.linears), notes=[f"ramp by depth over {len(evidence)} blocks"],
+                          extra={"mean_norms": list(evidence)})
+
+
+gentle = Ramp(spread=0.1)  # an instance: its knobs fixed
 '''
 
 
@@ -150,8 +160,9 @@ def _weights(folder) -> dict:
 def test_an_installed_packages_method_and_top_up_prune_on_ray_shards_as_in_process(installed, tiny_dirs, shared_data,
                                                                                    tmp_path, monkeypatch):
     """`--method pkg.mod:cubic --top-up pkg.mod:Ramp` on 2 Ray shard actors: the actors import the package
-    themselves (only the names cross), run.json and the store record name and version, and the masks
-    and weights equal the in-process run's, which names the same objects by their entry points."""
+    themselves (the method by name, the top-up's block summary by reference to its class), run.json and
+    the store record name and version, and the masks and weights equal the in-process run's. Short
+    names from the package's entry points work too (the top-up's an instance)."""
     import os
 
     import torch
@@ -171,25 +182,28 @@ def test_an_installed_packages_method_and_top_up_prune_on_ray_shards_as_in_proce
     run = json.loads((tmp_path / "ray" / "run.json").read_text())
     assert (run["spec"]["method"], run["spec"]["top_up"]) == (method, top_up)
     assert run["plugins"] == {installed["dist"]: "0.1.0"}
-    assert len(run["shards"]) == 2 and run["notes"] == ["ramp by depth"]
+    assert len(run["shards"]) == 2 and run["notes"] == ["ramp by depth over 3 blocks"]
     assert run["block_sparsity_planned"] == pytest.approx([0.3, 0.5, 0.7])
     actors = {p.name for p in installed["seen"].iterdir()} - {f"imported-by-{os.getpid()}"}
     assert len(actors) >= 2, actors  # both shard actors imported the package in their own processes
 
-    local = api.prune(str(tiny_dirs["llama"]), method=f"cubic_{tag}", top_up=f"RAMP_{tag}", sparsity=0.5, seqlen=16,
-                      nsamples=4, data_dir=str(shared_data), executor="local", out=str(tmp_path / "local"))
-    assert (local.method, local.top_up, local.plugins) == (f"cubic_{tag}", f"ramp_{tag}", run["plugins"])
+    kw = dict(sparsity=0.5, seqlen=16, nsamples=4, data_dir=str(shared_data), executor="local")
+    local = api.prune(str(tiny_dirs["llama"]), method=method, top_up=top_up, out=str(tmp_path / "local"), **kw)
     a, b = _weights(tmp_path / "ray"), _weights(tmp_path / "local")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert local.sparsity_actual == pytest.approx(run["sparsity_actual"]) == pytest.approx(0.5, abs=0.02)
-    wanda = api.prune(str(tiny_dirs["llama"]), top_up=f"ramp_{tag}", sparsity=0.5, seqlen=16, nsamples=4,
-                      data_dir=str(shared_data), executor="local", out=str(tmp_path / "wanda"), store=False)
-    assert any(not torch.equal(w, _weights(tmp_path / "wanda")[k]) for k, w in b.items())  # cubic is not Wanda
+    assert local.data["allocation_extra"] == run["allocation_extra"] and len(run["allocation_extra"]["mean_norms"]) == 3
+    assert local.cell_key == run["cell_key"] and local.plugins == run["plugins"]
+
+    short = api.prune(str(tiny_dirs["llama"]), method=f"cubic_{tag}", top_up=f"RAMP_{tag}", out=str(tmp_path / "short"),
+                      **kw)
+    assert (short.method, short.top_up, short.plugins) == (f"cubic_{tag}", f"ramp_{tag}", run["plugins"])
+    assert short["block_sparsity_planned"] == pytest.approx([0.4, 0.5, 0.6])  # the instance's spread, 0.1
 
     rows = [r for r in read_store(store).table.to_pylist() if r["task"] == "prune"]
+    # the Ray and the in-process run are one cell (same key): one row; the short names are another cell
     assert sorted((r["method"], r["top_up"]) for r in rows) == sorted([(method, top_up), (f"cubic_{tag}", f"ramp_{tag}")])
     assert all(json.loads(r["plugins"]) == {installed["dist"]: "0.1.0"} for r in rows)
-    assert wanda.plugins == {installed["dist"]: "0.1.0"}  # the top-up alone is a plug-in
 
 
 def test_a_plugins_version_joins_the_cell_key(installed):
@@ -210,3 +224,39 @@ def test_a_plugins_version_joins_the_cell_key(installed):
     assert build_spec(model="m").plugins() == {}
     assert build_spec(model="m").default_out() == "runs/m-wanda-uniform-0.5-unstructured"
     assert ":" not in spec.default_out()
+
+
+@pytest.mark.ray
+def test_a_shard_actor_that_cannot_import_the_plugin_stops_the_run_in_one_line(ray_first, tiny_dirs, shared_data,
+                                                                              tmp_path, monkeypatch):
+    """A module only the driver can import (on its sys.path, installed on no worker): the shards say so,
+    naming the field, the shard and its node, before any work or any file."""
+    import uuid
+
+    mod = f"driver_only_{uuid.uuid4().hex[:8]}"
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / f"{mod}.py").write_text(METHODS_PY)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
+    result = CliRunner().invoke(app, ["prune", "--model", str(tiny_dirs["llama"]), "--method", f"{mod}:cubic",
+                                      "--seqlen", "16", "--nsamples", "4", "--data-dir", str(shared_data),
+                                      "--executor", "ray", "--shards", "2", "--out", str(tmp_path / "run")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert errors[0].startswith(f"error: --method: shard 0 on node ") and (
+        f"cannot load '{mod}:cubic' (cannot import '{mod}': ModuleNotFoundError: No module named '{mod}'); "
+        "install the package on every node") in errors[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "store").exists()
+
+
+def test_a_shard_with_another_version_of_the_plugin_is_refused():
+    from neuroal.errors import NeuroalError
+    from neuroal.plugins import check_found, resolve_here
+
+    names = {"--method": "neuroal.scores:wanda"}  # a score named by path: a plug-in from the neuroal package
+    here = resolve_here(names)
+    assert here["--method"][0] == "neuroal"
+    check_found(names, here, "shard 0 on node 10.0.0.1")
+    with pytest.raises(NeuroalError, match=r"^--method: shard 1 on node 10\.0\.0\.2 has neuroal 0\.0\.0, this process "
+                                           r"neuroal .*; install the same version on every node$"):
+        check_found(names, {"--method": ("neuroal", "0.0.0")}, "shard 1 on node 10.0.0.2")

@@ -187,7 +187,11 @@ def origin_of(module: str, dist: md.Distribution | None = None) -> Origin:
 # ------------------------------------------------------------------ what a registry takes
 
 
-def _a(noun: str) -> str:
+def _what(obj: Any) -> str:
+    """'class Foo', 'a function', 'an int': what a named object is, for an error line."""
+    if isinstance(obj, type):
+        return f"class {obj.__name__}"
+    noun = type(obj).__name__
     return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
@@ -244,7 +248,7 @@ def as_method(obj: Any, name: str):
     if callable(obj) and not isinstance(obj, type):
         needs, weights_only = _score_needs(obj)
         return Method(name, needs, score=_WeightsOnly(obj) if weights_only else obj)
-    raise PluginTypeError(f"{_a(type(obj).__name__)}; expected a neuroal.methods.Method or a score function "
+    raise PluginTypeError(f"{_what(obj)}; expected a neuroal.methods.Method or a score function "
                           "(W, stats) -> scores")
 
 
@@ -273,8 +277,7 @@ def as_allocator(obj: Any, name: str):
 
     cls = obj if isinstance(obj, type) else type(obj)
     if not issubclass(cls, Allocator) or cls is Allocator:
-        what = f"class {obj.__name__}" if isinstance(obj, type) else _a(type(obj).__name__)
-        raise PluginTypeError(f"{what}; expected a subclass of neuroal.allocation.Allocator or an instance of one")
+        raise PluginTypeError(f"{_what(obj)}; expected a subclass of neuroal.allocation.Allocator or an instance of one")
     if not isinstance(cls.evidence, Evidence):
         raise PluginTypeError(f"an Allocator whose evidence is {cls.evidence!r}; expected a neuroal.allocation.Evidence")
     return obj if isinstance(obj, type) else FixedAllocator(obj)

@@ -208,11 +208,20 @@ def test_an_installed_packages_method_and_top_up_prune_on_ray_shards_as_in_proce
     assert all(json.loads(r["plugins"]) == {installed["dist"]: "0.1.0"} for r in rows)
 
 
-def test_a_plugins_version_joins_the_cell_key(installed):
-    """A new version of a plug-in never reuses the old one's results; built-in keys are as before."""
+def test_a_plugins_version_joins_the_cell_key(installed, tmp_path):
+    """A new version of a plug-in never reuses the old one's results; built-in keys are as before. A grid
+    names plug-ins as the flags do."""
     from neuroal.methods import METHODS
     from neuroal.plugins import Origin
+    from orchestrator.grid import expand, load_grid
     from orchestrator.spec import build_spec
+
+    (tmp_path / "grid.yaml").write_text(f"name: mine\nmodels: [m]\nmethods: [wanda, {installed['mod']}.methods:cubic]\n"
+                                        f"top_ups: [ramp_{installed['tag']}]\nsparsities: [0.5]\n")
+    cells = expand(load_grid(tmp_path / "grid.yaml"), tmp_path).cells
+    assert [(c.spec.method, c.spec.top_up) for c in cells] == [("wanda", f"ramp_{installed['tag']}"),
+                                                                (f"{installed['mod']}.methods:cubic",
+                                                                 f"ramp_{installed['tag']}")]
 
     name = f"{installed['mod']}.methods:cubic"
     spec = build_spec(model="m", method=name, top_up="uniform")

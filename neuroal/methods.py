@@ -43,7 +43,8 @@ def _apt(*args, **kwargs):
     return apt_prune(*args, **kwargs)
 
 
-METHODS: Registry[Method] = Registry("--method")
+METHODS: Registry[Method] = Registry("--method", group="neuroal.methods", adapt="neuroal.plugins:as_method",
+                                     plugins="a Method or a score function (W, stats) -> scores")
 METHODS.register("magnitude")(Method("magnitude", frozenset(), score=SCORES.get("magnitude")))
 METHODS.register("wanda")(Method("wanda", frozenset({NORMS}), score=SCORES.get("wanda")))
 METHODS.register("sparsegpt")(Method("sparsegpt", frozenset({HESSIAN}), solver=_sparsegpt))

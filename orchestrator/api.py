@@ -29,7 +29,8 @@ def prune(model: str = "smollm2-135m", *, overwrite: bool = False, store: bool |
         overwrite: redo a finished run in `out`.
         store: append the results rows to the default store (True), to this folder, or not (False).
         progress: called with run events (`orchestrator.run.prune`), e.g. for a notebook progress bar.
-        **flags: `method`, `top_up`, `sparsity`, `pattern`, `calibration`, `nsamples`, `seqlen`, `eval`,
+        **flags: `method`, `top_up` (a built-in name, or `package.module:object` of your own installed
+            package: `neuroal.plugins`), `sparsity`, `pattern`, `calibration`, `nsamples`, `seqlen`, `eval`,
             `zeroshot`, `out`, `shards`, `executor`, `address` (default `$RAY_ADDRESS`), ... (`PruneSpec`).
 
     Returns:

@@ -18,6 +18,7 @@ from rich.table import Table
 from neuroal import fileio
 from neuroal.allocation import ALLOCATORS
 from neuroal.errors import NeuroalError, SpecError
+from neuroal.methods import METHODS
 from orchestrator.planning.cost import ASSUMED_DISK_GBPS, ASSUMED_H2D_GBPS, ASSUMED_TFLOPS
 from orchestrator.record import RunRecord
 
@@ -29,6 +30,11 @@ ZEROSHOT_HELP = ("comma list of lm-eval task, group or tag names (any the instal
                  "arc_easy,piqa,mmlu,gsm8k; offline: rte,winogrande,boolq,hellaswag,arc_easy,arc_challenge,"
                  "openbookqa with --data-dir, or your own with --zeroshot-include)")
 INCLUDE_HELP = "folder of your own lm-eval task YAMLs (lm-eval's --include_path); their names join --zeroshot"
+def _plugin_help(registry, what: str) -> str:
+    names = ", ".join(registry.names() + registry.plugin_names())
+    return f"{names}, or package.module:object in your own installed package: {what} (README: Your own method)"
+
+
 FEWSHOT_HELP = "examples per zero-shot prompt (lm-eval's --num_fewshot; a task whose YAML says 0 stays 0)"
 
 
@@ -134,8 +140,8 @@ def _evaluation_rows(t: Table, run: RunRecord) -> None:
 @app.command()
 def prune(
     model: str = typer.Option("smollm2-135m", help="Hugging Face id, local checkpoint folder, or smollm2-135m"),
-    method: str = typer.Option("wanda", help="magnitude, wanda, sparsegpt, multiflow, apt"),
-    top_up: str = typer.Option("uniform", help=f"{', '.join(ALLOCATORS.names())}"),
+    method: str = typer.Option("wanda", help=_plugin_help(METHODS, "a Method or a score function (W, stats)")),
+    top_up: str = typer.Option("uniform", help=_plugin_help(ALLOCATORS, "an Allocator subclass or instance")),
     neuroal_step: str = typer.Option("both", help="block, row, both"),
     sparsity: float = typer.Option(0.5, help="fraction of the prunable linears' weights to remove"),
     pattern: str = typer.Option("unstructured", help="unstructured, 2:4, 4:8"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -432,4 +433,5 @@ def _failure_row(st: CellState, kind: str, ev) -> dict:
             "top_up": spec.top_up, "sparsity": spec.effective_sparsity, "pattern": spec.pattern, "seed": spec.seed,
             "calibration": spec.calibration, "seqlen": spec.seqlen, "task": f"failed:{kind}:{ev[1] if ev else ''}",
             "metric": "error", "value": None, "stderr": None, "timestamp": time.time(), "note": st.error,
+            "plugins": json.dumps(spec.plugins(), sort_keys=True),
             "data_version": DATA_VERSION, "grid_version": GRID_VERSION}

@@ -212,6 +212,12 @@ def _shard_actor_class():
         def node_id(self) -> str:
             return ray.get_runtime_context().get_node_id()
 
+        def resolve_plugins(self, names: dict) -> tuple[str, dict]:
+            """Where this actor runs, and the plug-ins as it resolves them (`neuroal.plugins.resolve_here`)."""
+            from neuroal.plugins import resolve_here
+
+            return f"shard {self.spec.index} on node {ray.util.get_node_ip_address()}", resolve_here(names)
+
     return ray.remote(ShardActor)
 
 
@@ -408,6 +414,21 @@ class RayChain:
         for name, args in self._state[shard]:
             ray.get(getattr(self.actors[shard], name).remote(*self._refs(args)))
         self.recoveries += 1
+
+    def check_plugins(self, names: dict[str, str]) -> None:
+        """Every shard actor loads the plug-ins `names` ({field: name}) and the same version of each as this
+        process does, before any work: the method crosses to them by name, a top-up's summaries by
+        reference to its class, and each actor imports the package where it runs.
+
+        Raises:
+            PluginUnavailable: naming the field, the shard and its node, and what to install.
+        """
+        import ray
+
+        from neuroal.plugins import check_found
+
+        for where, found in ray.get([a.resolve_plugins.remote(names) for a in self.actors]):
+            check_found(names, found, where)
 
     def node_ids(self) -> list[str]:
         """The Ray node each shard's actor runs on, in chain order."""

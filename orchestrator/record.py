@@ -63,6 +63,7 @@ class RunRecord(Mapping):
     timings_s: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     versions: dict = field(default_factory=dict)
+    plugins: dict = field(default_factory=dict)  # {distribution: version} of a plug-in method or top-up
     data: dict = field(default_factory=dict, repr=False)  # everything run.json holds
 
     @classmethod
@@ -82,7 +83,7 @@ class RunRecord(Mapping):
             evaluations=tuple(Evaluation.from_entry(e) for e in recorded(data)),
             perplexity=data.get("perplexity") or {}, perplexity_dense=data.get("perplexity_dense") or {},
             timings_s=data.get("timings_s") or {}, notes=tuple(data.get("notes") or ()),
-            versions=data.get("versions") or {}, data=data,
+            versions=data.get("versions") or {}, plugins=data.get("plugins") or {}, data=data,
         )
 
     def to_json(self) -> dict:

@@ -29,6 +29,7 @@ from neuroal.families import family_for
 from neuroal import fileio
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.models import load_config, load_tokenizer, resolve_model
+from neuroal.plugins import plugin_names
 from neuroal.refiners import REFINERS
 from neuroal.stats import ExpertRule
 from orchestrator import evaluation
@@ -79,6 +80,9 @@ def session_for(spec: PruneSpec, *, resume_dir: Path | None = None) -> Session:
                            resume_dir=resume_dir)
     try:
         check_pattern(session.shapes, parse_pattern(spec.pattern), spec.pattern)
+        plugins = plugin_names(spec.method, spec.top_up)
+        if plugins and hasattr(session.chain, "check_plugins"):  # shard actors: each imports them where it runs
+            session.chain.check_plugins(plugins)
     except NeuroalError:
         session.close()
         raise
@@ -290,6 +294,7 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
         "allocation_extra": alloc.extra,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
+        "plugins": spec.plugins(),  # {distribution: version} of a plug-in method or top-up
         "data_version": DATA_VERSION,
         "grid_version": GRID_VERSION,
         "host": platform.node(),

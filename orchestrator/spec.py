@@ -211,8 +211,22 @@ class PruneSpec(BaseModel):
         p = parse_pattern(self.pattern)
         return p.sparsity if p is not None else self.sparsity
 
+    def plugins(self) -> dict[str, str | None]:
+        """{distribution: version} of the installed packages the method and top-up come from (`neuroal.plugins`);
+        empty when both are built in."""
+        out = {}
+        for registry, name in ((METHODS, self.method), (ALLOCATORS, self.top_up)):
+            origin = registry.origin(name)
+            if origin is not None:
+                out[origin.distribution] = origin.version
+        return out
+
     def cell_key(self) -> str:
-        """Hash of what defines the result (DESIGN §6): not where or how fast it ran."""
+        """Hash of what defines the result (DESIGN §6): not where or how fast it ran.
+
+        A plug-in method or top-up (`package.module:object`) is keyed by that name and its package's
+        version (`plugins`), so a new version of the plug-in never reuses the old one's results.
+        """
         keys = ("model", "method", "top_up", "neuroal_step", "sparsity", "pattern", "granularity", "seed",
                 "calibration", "nsamples", "seqlen")
         payload = {k: getattr(self, k) for k in keys}
@@ -222,11 +236,15 @@ class PruneSpec(BaseModel):
         for k in RESULT_KNOBS:
             if getattr(self, k) != type(self).model_fields[k].default:
                 payload[k] = getattr(self, k)
+        plugins = self.plugins()
+        if plugins:  # joins the key only for plug-ins: the keys of built-in runs stay valid
+            payload["plugins"] = plugins
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def default_out(self) -> str:
         name = self.model.rstrip("/").split("/")[-1]
-        return f"runs/{name}-{self.method}-{self.top_up}-{self.effective_sparsity:g}-{self.pattern.replace(':', 'of')}"
+        method, top_up = (n.replace(":", ".") for n in (self.method, self.top_up))  # plug-in paths
+        return f"runs/{name}-{method}-{top_up}-{self.effective_sparsity:g}-{self.pattern.replace(':', 'of')}"
 
 
 def zeroshot_folder(path: str, field: str) -> str:

@@ -54,6 +54,7 @@ SCHEMA = pa.schema(
         ("wall_s", pa.float64()),
         ("host", pa.string()),
         ("versions", pa.string()),
+        ("plugins", pa.string()),  # {distribution: version} of a plug-in method or top-up, as JSON ("{}": none)
         ("data_version", pa.string()),  # neuroal.data.DATA_VERSION: the calibration/evaluation protocol
         ("grid_version", pa.string()),  # orchestrator.spec.GRID_VERSION: what a cell key covers
         ("timestamp", pa.float64()),
@@ -166,6 +167,7 @@ def run_rows(run, *, run_id: str | None = None) -> list[dict]:
         "wall_s": float(sum(rec.timings_s.values())),
         "host": data.get("host") or socket.gethostname(),
         "versions": json.dumps(rec.versions, sort_keys=True),
+        "plugins": json.dumps(rec.plugins, sort_keys=True),
         "data_version": data.get("data_version", DATA_VERSION),
         "grid_version": data.get("grid_version", GRID_VERSION),
         "timestamp": time.time(),

@@ -11,7 +11,8 @@ Evidence kinds, each collected by one generic collector in the orchestrator (nev
 - `Evidence.ALIGNMENT`: a `CandidateScorer` that streams candidate allocations through the model
   and returns their alignment scores (NeuroAL's search).
 
-Adding a top-up is one module with an `Allocator` subclass registered in `ALLOCATORS`, plus tests.
+Adding a top-up is one module with an `Allocator` subclass registered in `ALLOCATORS`, plus tests; one
+in the user's own installed package is named `--top-up package.module:Class` (`neuroal.plugins`).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ class Allocator:
         raise NotImplementedError
 
 
-ALLOCATORS: Registry[type[Allocator]] = Registry("--top-up")
+ALLOCATORS: Registry[type[Allocator]] = Registry("--top-up", group="neuroal.top_ups",
+                                                adapt="neuroal.plugins:as_allocator",
+                                                plugins="an Allocator subclass or instance")
 
 
 def supports_nm_names() -> list[str]:

@@ -66,6 +66,8 @@ def bad(tmp_path_factory, tiny_dirs) -> dict[str, str]:
     (root / "grid_method.yaml").write_text(f"name: x\nmodels: ['{model}']\nmethods: [obs]\nsparsities: [0.5]\n")
     (root / "grid_sparsity.yaml").write_text(f"name: x\nmodels: ['{model}']\nsparsities: [1.5]\n")
     (root / "grid_list.yaml").write_text("- just\n- a list\n")
+    (root / "grid_plugin.yaml").write_text(f"name: x\nmodels: ['{model}']\nmethods: [neuroal.scores:magnitude]\n"
+                                           "top_ups: [nopkg_xyz.allocators:Ramp]\n")
     return f
 
 
@@ -78,6 +80,24 @@ CASES = [
     (P + ["--sparsity", "nan"], "--sparsity: got nan"),
     (P + ["--method", "obs"], "--method: got 'obs'; allowed: magnitude, wanda"),
     (P + ["--top-up", "owl2"], "--top-up: got 'owl2'"),
+    # prune: a plug-in named package.module:object (neuroal.plugins)
+    (P + ["--method", "nopkg_xyz.methods:cubic"], "--method: got 'nopkg_xyz.methods:cubic'; allowed: magnitude, wanda"),
+    (P + ["--method", "nopkg_xyz.methods:cubic"], "or package.module:object naming a Method or a score function (W, "
+                                                  "stats) -> scores (cannot import 'nopkg_xyz.methods': "
+                                                  "ModuleNotFoundError: No module named 'nopkg_xyz')"),
+    (P + ["--method", "neuroal.scores:wandaa"], "('neuroal.scores' has no attribute 'wandaa'; did you mean 'wanda'?)"),
+    (P + ["--method", "neuroal.scores.wanda"], "(did you mean 'neuroal.scores:wanda'?)"),
+    (P + ["--method", "neuroal.scores:"], "--method: got 'neuroal.scores:'; allowed: magnitude"),
+    (P + ["--method", "neuroal.scores:SCORES"], "(it is a Registry; expected a neuroal.methods.Method or a score"),
+    (P + ["--top-up", "nopkg_xyz:Ramp"], "--top-up: got 'nopkg_xyz:Ramp'; allowed: alpha, neuroal, owl, uniform, "
+                                         "dsnot, or package.module:object naming an Allocator subclass or instance "
+                                         "(cannot import 'nopkg_xyz'"),
+    (P + ["--top-up", "neuroal.allocation:Allocator"], "(it is class Allocator; expected a subclass of "
+                                                       "neuroal.allocation.Allocator or an instance of one)"),
+    (P + ["--top-up", "neuroal.scores:wanda"], "--top-up: got 'neuroal.scores:wanda'; allowed: alpha"),
+    (P + ["--top-up", "neuroal.scores:wanda"], "(it is a function; expected a subclass of neuroal.allocation.Allocator"),
+    (P + ["--pattern", "2:4", "--top-up", "neuroal.allocation.owl:OWL"],
+     "--top-up: got 'neuroal.allocation.owl:OWL'; allowed: uniform, dsnot with an N:M --pattern"),
     (P + ["--pattern", "4:4"], "--pattern: got '4:4'"),
     (P + ["--pattern", "2:4", "--top-up", "neuroal"], "--top-up: got 'neuroal'; allowed: uniform, dsnot"),
     (P + ["--eval", "wikitext3"], "--eval: got 'wikitext3'; allowed: wikitext2, c4, ptb, a .txt/.jsonl/.parquet file "
@@ -138,6 +158,7 @@ CASES = [
     (["grid", "{root}/grid_typo.yaml", "--check"], "(did you mean 'methods'?)"),
     (["grid", "{root}/grid_method.yaml", "--check"], "got 'obs'; allowed: magnitude, wanda"),
     (["grid", "{root}/grid_sparsity.yaml", "--check"], "got 1.5"),
+    (["grid", "{root}/grid_plugin.yaml", "--check"], "--top-up: got 'nopkg_xyz.allocators:Ramp'"),
     (["grid", "{root}/grid_method.yaml", "--store", "{root}/afile"], "--store: {root}/afile is a file"),
     # plan
     (["plan", "--model", "{model}", "--gpu-mem", "80XB"], "--gpu-mem: got '80XB'"),
@@ -147,6 +168,7 @@ CASES = [
     (["plan", "--model", "{model}", "--sparsity", "2"], "--sparsity: got 2.0"),
     (["plan", "--model", "{model}", "--offload", "gpu"], "--offload: got 'gpu'"),
     (["plan", "--model", "/nope"], "model: cannot read the config of '/nope'"),
+    (["plan", "--model", "{model}", "--method", "neuroal.scores:magnitud"], "did you mean 'magnitude'?"),
     # report
     (["report", "{root}/nope"], "store: '{root}/nope' is not a folder"),
     (["report", "{root}/afile"], "store: '{root}/afile' is not a folder"),

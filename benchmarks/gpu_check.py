@@ -3,7 +3,10 @@
 on the path users run (`orchestrator.run`: in process on CUDA, then one Ray shard actor on the GPU).
 
 Per-block seconds, peak CUDA memory, and the ratio against a per-window loop (the same code with one
-window per block call, as the reference implementations run). Prints a table, writes JSON.
+window per block call, as the reference implementations run). Then the NeuroAL block step's choice
+in bfloat16 (what `--dtype auto` gives on a GPU), float32 and float32 with TF32 matmuls, side by side:
+the chosen λ, every candidate's score, and the tie check's verdict (issue 26: does rounding decide
+the choice on a GPU?). Prints tables, writes JSON.
 
     python benchmarks/gpu_check.py                 # on a GPU machine
     python benchmarks/gpu_check.py --tiny          # the same code on CPU with a small model (smoke test)
@@ -39,7 +42,7 @@ def build_model(folder: Path, tiny: bool) -> None:
 
 
 def run_case(folder: Path, calib: Path, method: str, top_up: str, windows: int, seqlen: int, max_tokens, executor,
-             step: str = "block") -> dict:
+             step: str = "block", dtype: str = "auto", tf32: bool = False) -> dict:
     import torch
 
     from orchestrator.run import allocate, final_prune, prune_options, session_for
@@ -49,7 +52,8 @@ def run_case(folder: Path, calib: Path, method: str, top_up: str, windows: int, 
 
     spec = build_spec(model=str(folder), method=method, top_up=top_up, neuroal_step=step, sparsity=0.5,
                       nsamples=windows, seqlen=seqlen, calibration=str(calib), search_windows=windows,
-                      executor=executor, max_tokens=max_tokens)
+                      executor=executor, max_tokens=max_tokens, dtype=dtype)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     session = session_for(spec)
     try:
         calib_ids, _ = calibration_windows(spec.calibration, session.tokenizer, windows, seqlen, 0, None)
@@ -67,7 +71,8 @@ def run_case(folder: Path, calib: Path, method: str, top_up: str, windows: int, 
         report = session.chain.get(session.chain.call(0, Shard.report))
     finally:
         session.close()
-    return {"method": method, "top_up": top_up, "executor": executor, "max_tokens": max_tokens,
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return {"curves": alloc.curves, "notes": alloc.notes, "tie_check": alloc.extra.get("tie_check"), "tf32": tf32, "method": method, "top_up": top_up, "executor": executor, "max_tokens": max_tokens,
             "search_s": search_s, "prune_s": prune_s, "blocks": session.n_blocks, "lambda_block": alloc.lambda_block,
             "device": report["device"], "dtype": report["dtype"], "peak_device_bytes": report["peak_device_bytes"]}
 
@@ -111,8 +116,22 @@ def main():
                 ["method", "top-up", "executor", "windows per call", "search s/block", "prune s/block",
                  "peak GiB", "device", "λ block"], rows)
     print("per-window loop / batched:", {k: round(v, 2) for k, v in ratios.items()})
+    choices = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, calib = Path(tmp) / "model", Path(tmp) / "calib.pt"
+        build_model(folder, args.tiny)
+        torch.save(torch.randint(0, 49152, (args.windows, seqlen)), calib)
+        for dtype, tf32 in (("bfloat16", False), ("float32", False), ("float32", True)):
+            r = run_case(folder, calib, "wanda", "neuroal", args.windows, seqlen, None, "local", dtype=dtype, tf32=tf32)
+            choices.append(r)
+            print(dtype, "tf32" if tf32 else "", r["lambda_block"], r["notes"], flush=True)
+    print_table("NeuroAL block step by compute dtype (same model, windows and code)",
+                ["dtype", "λ block", "search s/block", "tie check"],
+                [[r["dtype"] + (" + TF32" if r["tf32"] else ""), str(r["lambda_block"]), r["search_s"] / r["blocks"],
+                  "near tie" if (r["tie_check"] or {}).get("block", {}).get("near_tie") else "clear"] for r in choices])
     write_json(Path(args.out), {"config": vars(args), "machine": machine(), "cuda": torch.cuda.is_available() and
-                                torch.cuda.get_device_name(), "results": results, "ratio_per_window_over_batched": ratios})
+                                torch.cuda.get_device_name(), "results": results, "ratio_per_window_over_batched": ratios,
+                                "dtype_choices": choices})
 
 
 if __name__ == "__main__":

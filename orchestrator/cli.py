@@ -52,6 +52,55 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """Distributed one-shot pruning of LLMs (NeuroAL)."""
 
 
+def prune_flags() -> set[str]:
+    """The spec fields `neuroal prune` has a flag of its own for (its parameters)."""
+    import inspect
+
+    return set(inspect.signature(prune).parameters)
+
+
+def settable() -> list[str]:
+    """The PruneSpec fields `neuroal prune` has no flag for: `--set key=value` reaches them."""
+    from orchestrator.spec import PruneSpec
+
+    flags = prune_flags()
+    return [f for f in PruneSpec.model_fields if f not in flags]
+
+
+def set_knobs(pairs: list[str]) -> dict[str, str]:
+    """`--set key=value` pairs as spec fields; the values stay text: the spec parses and checks them
+    (`spec_with_knobs` names a bad one as `--set key`)."""
+    import difflib
+
+    allowed = settable()
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if key in prune_flags():
+            raise SpecError("--set", pair, f"knobs without a flag of their own (use --{key.replace('_', '-')})")
+        if not eq or key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close and eq else ""
+            raise SpecError("--set", pair, "key=value with key one of " + ", ".join(allowed) + hint)
+        out[key] = value.strip()
+    return out
+
+
+def spec_with_knobs(pairs: list[str], **flags):
+    """`build_spec` from the flags and the `--set` knobs; a bad knob's value is named `--set key`."""
+    from orchestrator.spec import build_spec
+
+    knobs = set_knobs(pairs)
+    try:
+        return build_spec(**flags, **knobs)
+    except SpecError as exc:
+        key = exc.field.removeprefix("--").replace("-", "_")
+        if key in knobs:
+            raise SpecError(f"--set {key}", knobs[key], exc.allowed) from None
+        raise
+
+
 def _fail(exc: Exception) -> None:
     from rich.markup import escape
 
@@ -172,6 +221,10 @@ def prune(
     neuroal_tie_rule: str = typer.Option("lowest", help="NeuroAL near ties: lowest (the reference) or reference-order"),
     moe_calibrate_all_experts: bool = typer.Option(False, help="MoE: every expert's statistics over all tokens"),
     moe_min_tokens: int = typer.Option(1, help="MoE: an expert routed fewer calibration tokens is calibrated on all"),
+    knobs: list[str] = typer.Option([], "--set", help="any other knob as key=value, repeatable: "
+                                    "blocksize, percdamp, owl_m, owl_lambda, alpha_epsilon, dsnot_cycles, "
+                                    "dsnot_threshold, dsnot_same_sign, dsnot_skip_mlp, search_windows, max_tokens, "
+                                    "... (every PruneSpec field without a flag; `--check` prints them all)"),
     store: Optional[str] = typer.Option(None, help="results store folder (default $NEUROAL_STORE or runs/store)"),
     overwrite: bool = typer.Option(False, help="redo a finished run in --out"),
     check: bool = typer.Option(False, "--check", help="validate the flags and print the spec, run nothing"),
@@ -179,11 +232,9 @@ def prune(
 ):
     """Prune one model and write a run folder (checkpoint, run.json, plots)."""
     _setup_logging(verbose)
-    from orchestrator.spec import build_spec
-
     try:
-        spec = build_spec(
-            model=model, method=method, top_up=top_up, neuroal_step=neuroal_step, sparsity=sparsity,
+        spec = spec_with_knobs(
+            knobs, model=model, method=method, top_up=top_up, neuroal_step=neuroal_step, sparsity=sparsity,
             pattern=pattern, granularity=granularity, calibration=calibration, nsamples=nsamples,
             seqlen=seqlen, seed=seed, eval=eval, eval_dense=eval_dense, eval_windows=eval_windows, zeroshot=zeroshot, zeroshot_limit=zeroshot_limit,
             zeroshot_include=zeroshot_include, num_fewshot=num_fewshot, data_dir=data_dir, out=out,

@@ -203,7 +203,7 @@ class PruneSpec(BaseModel):
         allocator.check(fields, set(self.model_fields_set))
         windows = allocator.from_fields(fields).evidence_windows
         if windows is not None and self.nsamples < windows:
-            raise SpecError("--nsamples", self.nsamples, f"at least --search-windows ({windows}) for --top-up {self.top_up}")
+            raise SpecError("--nsamples", self.nsamples, f"at least search_windows ({windows}, `--set search_windows=N`) for --top-up {self.top_up}")
         return self
 
     @property

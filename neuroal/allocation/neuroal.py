@@ -141,7 +141,7 @@ class TieCheck:
     def note(self, step: str) -> str:
         return (f"{step} step: λ {self.best:g} beat λ {self.runner_up:g} by {self.margin:.3g}, within the score's "
                 f"float noise ({self.noise:.3g}, from re-scoring both with the windows in reverse order): the choice "
-                "is a coin flip between them; more --search-windows make it robust")
+                "is a coin flip between them; more search windows (`--set search_windows=N`) make it robust")
 
 
 def runner_up(scores: Mapping[float, CandidateScore], best: float) -> tuple[float | None, float | None]:

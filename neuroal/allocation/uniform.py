@@ -25,7 +25,7 @@ class Uniform(Allocator):
 class DSnoTTopUp(Uniform):
     """Uniform ratios, masks refined by DSnoT's prune-and-grow (`neuroal.refiners.dsnot`).
 
-    `neuroal prune --top-up dsnot --dsnot-cycles 50 --dsnot-threshold 0.1`
+    `neuroal prune --top-up dsnot --set dsnot_cycles=50 --set dsnot_threshold=0.1`
     """
 
     refiner = "dsnot"

@@ -80,6 +80,12 @@ CASES = [
     (P + ["--sparsity", "nan"], "--sparsity: got nan"),
     (P + ["--method", "obs"], "--method: got 'obs'; allowed: magnitude, wanda"),
     (P + ["--top-up", "owl2"], "--top-up: got 'owl2'"),
+    # prune: --set key=value reaches the knobs without a flag of their own
+    (P + ["--set", "blocksize"], "--set: got 'blocksize'; allowed: key=value with key one of blocksize, percdamp"),
+    (P + ["--set", "blocksiz=64"], "(did you mean 'blocksize'?)"),
+    (P + ["--set", "blocksize=many"], "--set blocksize: got 'many'"),
+    (P + ["--set", "search_windows=0"], "--set search_windows: got '0'; allowed: a positive integer"),
+    (P + ["--set", "sparsity=0.3"], "knobs without a flag of their own (use --sparsity)"),
     # prune: a plug-in named package.module:object (neuroal.plugins)
     (P + ["--method", "nopkg_xyz.methods:cubic"], "--method: got 'nopkg_xyz.methods:cubic'; allowed: magnitude, wanda"),
     (P + ["--method", "nopkg_xyz.methods:cubic"], "or package.module:object naming a Method or a score function (W, "

@@ -1,5 +1,6 @@
 """Bad input exits 2 with one line naming the flag and the allowed values; nothing half-written stays."""
 
+import json
 
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -86,3 +87,20 @@ def test_cell_key_covers_result_knobs_and_keeps_default_keys():
     assert base.cell_key() not in keys and len(keys) == len(changed)
     # where or how fast it ran does not change the result
     assert build_spec(top_up="dsnot", shards=3, early_stop=False, max_tokens=512).cell_key() == base.cell_key()
+
+
+def test_set_reaches_every_knob_without_a_flag():
+    from orchestrator.cli import settable
+    from orchestrator.spec import PruneSpec
+
+    knobs = settable()
+    assert {"blocksize", "percdamp", "owl_m", "owl_lambda", "alpha_epsilon", "dsnot_cycles", "dsnot_threshold",
+            "dsnot_same_sign", "dsnot_skip_mlp", "search_windows", "max_tokens"} <= set(knobs)
+    assert set(knobs) < set(PruneSpec.model_fields) and "sparsity" not in knobs
+    result = CliRunner().invoke(app, ["prune", "--top-up", "dsnot", "--check", "--set", "dsnot_cycles=7",
+                                      "--set", "dsnot-threshold=0.25", "--set", "dsnot_same_sign=true",
+                                      "--set", "max_tokens=512"])
+    assert result.exit_code == 0, result.output
+    spec = json.loads(result.output)
+    assert (spec["dsnot_cycles"], spec["dsnot_threshold"], spec["dsnot_same_sign"], spec["max_tokens"]) == (
+        7, 0.25, True, 512)

@@ -125,14 +125,14 @@ def plan(model: str = "smollm2-135m", *, gpus: int | None = None, gpu_mem: str =
     from orchestrator.planning.layout import measure_model
     from orchestrator.planning.offloaded import plan_offloaded
     from orchestrator.planning.sizes import DTYPE_BYTES, canonical_dtype
+    from orchestrator.spec import OFFLOAD_CHOICES, check_sparsity
 
     for flag, value in (("--gpus", gpus), ("--streams", streams)):
         if value is not None and value < 1:
             raise SpecError(flag, value, "a positive integer")
-    if offload not in ("auto", "none", "cpu", "disk"):
-        raise SpecError("--offload", offload, "auto, none, cpu, disk")
-    if not 0.0 < sparsity < 1.0:
-        raise SpecError("--sparsity", sparsity, "a fraction strictly between 0 and 1")
+    if offload not in OFFLOAD_CHOICES:
+        raise SpecError("--offload", offload, OFFLOAD_CHOICES)
+    check_sparsity(sparsity, "--sparsity")
     tflops = ASSUMED_TFLOPS if tflops is None else tflops
     h2d_gbps = ASSUMED_H2D_GBPS if h2d_gbps is None else h2d_gbps
     disk_gbps = ASSUMED_DISK_GBPS if disk_gbps is None else disk_gbps

@@ -36,7 +36,8 @@ from neuroal.errors import SpecError
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.zeroshot import TaskFolder, check_tasks
 from orchestrator.evaluation import TransientError, keyed_zeroshot, task_folder, transient, zeroshot_key
-from orchestrator.spec import GRID_VERSION, PruneSpec, build_spec, check_datasets, first_error, zeroshot_folder
+from orchestrator.spec import (GRID_VERSION, PruneSpec, build_spec, check_datasets, check_sparsity, first_error,
+                               zeroshot_folder)
 
 logger = logging.getLogger(__name__)
 RUNS_DIR = "_runs"  # cell run folders inside the store; pyarrow skips "_" paths when reading rows
@@ -110,8 +111,7 @@ class Grid(BaseModel):
     @classmethod
     def _sparsities(cls, v):
         for s in v:
-            if not 0 < s < 1:
-                raise SpecError("sparsities", s, "fractions strictly between 0 and 1")
+            check_sparsity(s, "sparsities")
         return v
 
     @field_validator("zeroshot_include")

@@ -28,9 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from orchestrator.planning.offloaded import OFFLOAD_MODES
+
 logger = logging.getLogger(__name__)
 
-MODES = ("none", "cpu", "disk")
+MODES = ("none", *OFFLOAD_MODES)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -42,8 +44,8 @@ class BlockResidency:
 
     def __init__(self, blocks: dict[int, nn.Module], device: torch.device, mode: str, *, persistent_bytes: int,
                  budget: int | None = None, local_dir: str | Path | None = None):
-        if mode not in ("cpu", "disk"):
-            raise ValueError(f"offload mode: got {mode!r}; allowed: cpu, disk")
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(f"offload mode: got {mode!r}; allowed: {', '.join(OFFLOAD_MODES)}")
         self.blocks, self.device, self.mode, self.budget = blocks, device, mode, budget
         self.persistent_bytes = persistent_bytes
         self.moves: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))

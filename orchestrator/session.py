@@ -23,6 +23,7 @@ from neuroal.methods import Pattern
 from neuroal.models import check_checkpoint, load_config, load_tokenizer, resolve_model
 from orchestrator.pipeline import LocalChain
 from orchestrator.planning import ShardSpec, parse_bytes, plan_shards
+from orchestrator.planning.offloaded import OFFLOAD_MODES
 from orchestrator.shard import Shard
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, meth
                            stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples,
                            head_runs=head_runs).shard_specs()
 
-    if offload in ("cpu", "disk"):
+    if offload in OFFLOAD_MODES:
         return plan(2**60), offload, f"--offload {offload}"
     if not gpu_mem:
         return plan(2**60), "none", ""

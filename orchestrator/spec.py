@@ -19,6 +19,7 @@ from neuroal.data import DATA_VERSION, DATASETS
 from neuroal.errors import SpecError
 from neuroal.methods import METHODS, PATTERNS, parse_pattern
 from neuroal.refiners import REFINERS
+from orchestrator.planning.offloaded import OFFLOAD_MODES
 
 GRID_VERSION = "1"  # bump when what a cell key covers changes; recorded with every result
 
@@ -33,6 +34,16 @@ def _knob_fields() -> tuple[str, ...]:
 NOT_RESULT = ("neuroal_tie_check",)  # knobs that only add checks; the pruned model is the same
 RESULT_KNOBS = ("blocksize", "percdamp", "dtype", "moe_calibrate_all_experts", "moe_min_tokens",
                 *(k for k in _knob_fields() if k not in NOT_RESULT))
+
+
+OFFLOAD_CHOICES = ("auto", "none", *OFFLOAD_MODES)  # --offload: auto (when the blocks do not fit), none, cpu, disk
+
+
+def check_sparsity(value: float, field: str) -> float:
+    """A sparsity is a fraction strictly between 0 and 1 (the one rule for flags, grids and plans)."""
+    if not 0.0 < value < 1.0:
+        raise SpecError(field, value, "a fraction strictly between 0 and 1")
+    return value
 
 
 def check_datasets(names, field: str) -> tuple[str, ...]:
@@ -81,7 +92,7 @@ class PruneSpec(BaseModel):
     out: str | None = None
     shards: int = 1
     gpu_mem: str | None = None  # per-actor memory budget for the shard plan, e.g. "80GB"
-    offload: Literal["auto", "none", "cpu", "disk"] = "auto"  # blocks that do not fit --gpu-mem wait on host/disk
+    offload: Literal[OFFLOAD_CHOICES] = "auto"  # blocks that do not fit --gpu-mem wait on host/disk
     address: str | None = None
     executor: Literal["ray", "local", "auto"] = "ray"  # auto: `resolve_executor` (eval's default)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
@@ -117,9 +128,7 @@ class PruneSpec(BaseModel):
     @field_validator("sparsity")
     @classmethod
     def _sparsity(cls, v: float) -> float:
-        if not 0.0 < v < 1.0:
-            raise SpecError("--sparsity", v, "a fraction strictly between 0 and 1")
-        return v
+        return check_sparsity(v, "--sparsity")
 
     @field_validator("pattern")
     @classmethod

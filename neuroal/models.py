@@ -51,11 +51,20 @@ def _gguf_path() -> Path:
     return path
 
 
+def default_tokenizer():
+    """The default model's tokenizer, read from its GGUF alone (seconds; the weights are not converted).
+    The same conversion as `resolve_model(DEFAULT_MODEL)`'s, so the same ids."""
+    from transformers import AutoTokenizer
+
+    gguf = _gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     logger.info("converting %s to a safetensors cache at %s (once)", gguf.name, out)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = default_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # the weights are de-quantised to fp32; drop the GGUF quantizer so this saves as a plain model
     model.hf_quantizer = None

@@ -84,11 +84,30 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None,
     return folder
 
 
-@pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_dir):
-    from neuroal.models import load_tokenizer
+TIERS = Path(__file__).with_name("tiers.json")  # measured durations' verdict: tests/tier.py writes it
+REAL_MODEL_FIXTURES = {"smollm2_dir"}  # a test that converts the real model is slow whatever it measured
 
-    return load_tokenizer(smollm2_dir)
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier is `pytest -m "not slow"`: besides the tests marked `slow` by hand, those that use
+    the real model and those measured too slow for the tier's budget (`tiers.json`) are `slow`."""
+    import json
+
+    measured = set(json.loads(TIERS.read_text())["slow"]) if TIERS.exists() else set()
+    for item in items:
+        if item.nodeid in measured or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer: from the converted model when it is cached, else from the GGUF alone (the
+    tiny models need no real weights: the fast tier converts none)."""
+    from neuroal.fileio import cache_root
+    from neuroal.models import DEFAULT_MODEL, default_tokenizer, load_tokenizer
+
+    converted = cache_root() / "models" / DEFAULT_MODEL
+    return load_tokenizer(converted) if (converted / "config.json").exists() else default_tokenizer()
 
 
 @pytest.fixture(scope="session")

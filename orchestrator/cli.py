@@ -18,6 +18,7 @@ from rich.table import Table
 from neuroal import fileio
 from neuroal.allocation import ALLOCATORS
 from neuroal.errors import NeuroalError, SpecError
+from neuroal.methods import METHODS
 from orchestrator.planning.cost import ASSUMED_DISK_GBPS, ASSUMED_H2D_GBPS, ASSUMED_TFLOPS
 from orchestrator.record import RunRecord
 
@@ -134,7 +135,7 @@ def _evaluation_rows(t: Table, run: RunRecord) -> None:
 @app.command()
 def prune(
     model: str = typer.Option("smollm2-135m", help="Hugging Face id, local checkpoint folder, or smollm2-135m"),
-    method: str = typer.Option("wanda", help="magnitude, wanda, sparsegpt, multiflow, apt"),
+    method: str = typer.Option("wanda", help=f"{', '.join(METHODS.names())}"),
     top_up: str = typer.Option("uniform", help=f"{', '.join(ALLOCATORS.names())}"),
     neuroal_step: str = typer.Option("both", help="block, row, both"),
     sparsity: float = typer.Option(0.5, help="fraction of the prunable linears' weights to remove"),

@@ -47,7 +47,6 @@ import torch
 from torch import Tensor
 
 from neuroal import masks
-from neuroal.errors import SpecError
 from neuroal.solvers.sparsegpt import Saliency, sparsegpt_prune
 from neuroal.solvers.hessian import prepare
 
@@ -93,8 +92,8 @@ def d2wanda_score(W: Tensor, scaler_row: Tensor, y: Tensor, x: Tensor, *, r1: fl
 
 def _check(stats) -> None:
     if stats is None or stats.y_l2 is None or stats.x_l2 is None or stats.H is None:
-        raise SpecError("statistics", "without output norms", "D²Prune's (kinds HESSIAN, NORMS and D2_NORMS, "
-                        "outputs recorded by `neuroal.stats.collect`)")
+        raise ValueError("D²Prune needs statistics of kinds HESSIAN, NORMS and D2_NORMS, with the linear's "
+                         "outputs recorded (as `neuroal.stats.collect` does)")
 
 
 @torch.no_grad()

@@ -114,6 +114,9 @@ def d2prune(
 ) -> Tensor:
     """New weights for one linear by D²Prune: masked only if `linear` is in `no_update`, else swept.
 
+    Registered as `--method d2prune` (e.g. ``neuroal prune --method d2prune --top-up owl --sparsity 0.6``;
+    a grid's ``methods: [d2prune]``); with `--top-up neuroal` it runs the block step only, as SparseGPT.
+
     Args:
         W: [out, in] weights.
         stats: its `LinearStats` with HESSIAN, NORMS and D2_NORMS.

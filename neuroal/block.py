@@ -220,7 +220,8 @@ def _pruned_weights(
                                            is_mlp=name in family.mlp)
         else:
             new[name] = prune_linear(W, stats.get(name), ratios[name], method, pattern=opts.pattern,
-                                     granularity=opts.granularity, blocksize=opts.blocksize, percdamp=opts.percdamp)
+                                     granularity=opts.granularity, blocksize=opts.blocksize, percdamp=opts.percdamp,
+                                     linear=name)
     return new
 
 

@@ -16,6 +16,15 @@ One reference quirk is reproduced on purpose: its SparseGPT wrapper keeps `scale
 SparseGPT reads its activation norms from there (`get_forward_sparsegpt`); `HESSIAN_NORMS` is that
 statistic, used for solver methods' alignment metric by default.
 
+D²Prune (`D2_NORMS`) keeps what its reference wrappers (cquxl/D2Prune `prune/d2prune_utils.py`,
+`D2SparseGPT.add_batch`, `D2Wanda.add_batch`) keep: per-window L2 norms (not squared) of each input
+channel and of each *output* channel y = Wx + b, accumulated with their recurrence
+v ← v·n/(n+1) + ‖·‖ (window k of N weighs k/N, not 1/N; reproduced as is). `x_l2` is the D2Wanda
+statistic (the raw input), `x_l2_h` the D2SparseGPT one (the input scaled by √(2/n) first, as for
+its Hessian), `y_l2` the output's; the reference's division by its scale s happens in the score
+(`neuroal.solvers.d2prune`). Output norms come from forward hooks (for a linear used through its
+weight, or an expert's matrix, the output is recomputed from the input the hook sees).
+
 Experts (mixture-of-experts blocks). Each expert's matrices get statistics from the inputs that
 expert actually receives: its routed tokens (those whose top-k choice includes it) for gate_up,
 and for down its intermediate activations act(gate)·up on those tokens (recomputed in the hook
@@ -47,6 +56,10 @@ NORMS = "norms"  # WrappedGPT scaler_row (Wanda, multiflow, OWL, NeuroAL metric)
 MOMENTS = "moments"  # WrappedGPT sum_metric_row, mean, var (DSnoT)
 HESSIAN = "hessian"  # SparseGPT H = 2XᵀX/n (SparseGPT, APT)
 HESSIAN_NORMS = "hessian_norms"  # SparseGPT wrapper's scaler_row (NeuroAL metric with solvers)
+D2_NORMS = "d2_norms"  # D²Prune wrappers' input and output channel norms (x_l2, x_l2_h, y_l2)
+
+
+_OWN_OUTPUT = ("y_l2", "n_out_windows")
 
 
 @dataclass
@@ -61,6 +74,10 @@ class LinearStats:
     var: Tensor | None = None  # [in, 1]
     H: Tensor | None = None  # [in, in]
     scaler_row_h: Tensor | None = None  # [in]
+    x_l2: Tensor | None = None  # [in]  D2Wanda's delta_x_scaler_row · s
+    x_l2_h: Tensor | None = None  # [in]  D2SparseGPT's delta_x_scaler_row · s
+    y_l2: Tensor | None = None  # [out] y_scaler_col · s (the linear's own output: never copied from a twin)
+    n_out_windows: int = 0
     kinds: frozenset = field(default_factory=frozenset)
 
     def _zeros(self, cols: int, device) -> None:
@@ -70,6 +87,8 @@ class LinearStats:
             self.mean, self.var = z(cols, 1), z(cols, 1)
             if HESSIAN in self.kinds:
                 self.H = z(cols, cols)
+            if D2_NORMS in self.kinds:
+                self.x_l2, self.x_l2_h = z(cols), z(cols)
 
     def add(self, x: Tensor) -> None:
         """x: [b, seqlen, in] (b windows) or [b, in] (one token per window)."""
@@ -105,12 +124,37 @@ class LinearStats:
                 self.H += scaled.matmul(scaled.t())
             self.scaler_row_h *= n / (n + 1)
             self.scaler_row_h += torch.norm(scaled, p=2, dim=1) ** 2 / (n + 1)
+        if D2_NORMS in self.kinds:  # D2Wanda / D2SparseGPT add_batch (the latter's x scaled by √(2/(n+1)))
+            l2 = torch.norm(inp, p=2, dim=1)
+            self.x_l2 *= n / (n + 1)
+            self.x_l2 += l2
+            self.x_l2_h *= n / (n + 1)
+            self.x_l2_h += math.sqrt(2 / (n + 1)) * l2
         self.n_windows += 1
         self.n_tokens += k
 
+    def add_output(self, y: Tensor) -> None:
+        """The linear's output y: [b, seqlen, out] (b windows) or [b, out]; D2_NORMS only."""
+        if y.dim() == 2:
+            y = y.unsqueeze(1)
+        for w in range(y.shape[0]):
+            self.add_output_window(y[w])
+
+    def add_output_window(self, y: Tensor) -> None:
+        """One window's outputs y [tokens, out] (none: the window still counts)."""
+        out = y.reshape(-1, y.shape[-1]).to(STATS_DTYPE)  # [tokens, out]
+        n = self.n_out_windows
+        if self.y_l2 is None:
+            self.y_l2 = torch.zeros(out.shape[1], dtype=STATS_DTYPE, device=out.device)
+        self.y_l2 *= n / (n + 1)
+        self.y_l2 += torch.norm(out, p=2, dim=0)
+        self.n_out_windows += 1
+
     def copy_from(self, other: "LinearStats") -> None:
-        """Take `other`'s state (a linear that saw the very same inputs)."""
+        """Take `other`'s input state (a linear that saw the very same inputs); output sums stay its own."""
         for f in fields(self):
+            if f.name in _OWN_OUTPUT:
+                continue
             v = getattr(other, f.name)
             setattr(self, f.name, v.clone() if isinstance(v, Tensor) else v)
 
@@ -181,7 +225,7 @@ def collect(
 
     Args:
         linears: name -> module to hook, or an `ExpertMatrix` (hooked through its experts module).
-        kinds: which sums to keep (NORMS, MOMENTS, HESSIAN).
+        kinds: which sums to keep (NORMS, MOMENTS, HESSIAN, HESSIAN_NORMS, D2_NORMS).
         stop_after: if set, the hook on this linear raises StopForward after recording, so a
             forward whose output is not needed stops before computing it.
         input_from: linear -> (source linear, first column, width) for linears the block uses
@@ -196,6 +240,7 @@ def collect(
     """
     stats = {name: LinearStats(kinds=frozenset(kinds)) for name in linears}
     handles = []
+    outputs = D2_NORMS in kinds  # output sums too: the last linear stops the block after its forward
     # Linears called on the same tensor object (q, k and v; gate and up) get the same statistics:
     # the first computes them, the others copy its new state. A linear copies only while it has
     # received every one of the source's inputs since the start (its `twin`), so its state before
@@ -215,6 +260,14 @@ def collect(
                 twin[name] = None
                 last.update(x=x, version=x._version, name=name, prior=st.n_windows)
                 st.add(x.detach())
+            if name == stop_after and not outputs:
+                raise StopForward
+
+        return hook
+
+    def make_out(name):
+        def hook(_module, _args, output):
+            stats[name].add_output(output.detach())
             if name == stop_after:
                 raise StopForward
 
@@ -224,7 +277,11 @@ def collect(
 
     def make_derived(name, start, width):
         def hook(_module, _args, output):
-            stats[name].add(output.detach()[..., start : start + width])
+            x = output.detach()[..., start : start + width]
+            stats[name].add(x)
+            if outputs:  # the linear is used through its weight: its output recomputed from that input
+                lin = linears[name]
+                stats[name].add_output(F.linear(x, lin.weight, lin.bias))
 
         return hook
 
@@ -237,9 +294,11 @@ def collect(
             handles.append(linears[src].register_forward_hook(make_derived(name, start, width)))
         else:
             handles.append(module.register_forward_pre_hook(make(name)))
+            if outputs:
+                handles.append(module.register_forward_hook(make_out(name)))
     for key, units in experts.items():
         handles.extend(_hook_experts(units, stats, (all_tokens or {}).get(key, frozenset()), routed, key,
-                                     stop=stop_after in units))
+                                     stop=stop_after in units, outputs=outputs))
     try:
         yield stats
     finally:
@@ -249,7 +308,7 @@ def collect(
 
 
 def _hook_experts(units: dict[str, ExpertMatrix], stats: dict, everyone: frozenset, routed: dict | None, key: int,
-                  stop: bool) -> list:
+                  stop: bool, outputs: bool = False) -> list:
     """Hooks feeding one experts module's units their tokens, window by window.
 
     A pre-hook on the MoE block reads the window length (it gets [b, seqlen, d]); one on the
@@ -283,10 +342,16 @@ def _hook_experts(units: dict[str, ExpertMatrix], stats: dict, everyone: frozens
             if "gate_up" in names:
                 for chunk in xe.split(sizes):
                     stats[names["gate_up"]].add_window(chunk)
+                if outputs:  # [n_e, 2·inter], before the activation, as a linear's output
+                    for chunk in F.linear(xe, getattr(module, spec.gate_up).data[e]).split(sizes):
+                        stats[names["gate_up"]].add_output_window(chunk)
             if "down" in names:
                 h = module._apply_gate(F.linear(xe, getattr(module, spec.gate_up).data[e]))  # [n_e, inter]
                 for chunk in h.split(sizes):
                     stats[names["down"]].add_window(chunk)
+                if outputs:
+                    for chunk in F.linear(h, getattr(module, spec.down).data[e]).split(sizes):
+                        stats[names["down"]].add_output_window(chunk)
         if stop:
             raise StopForward
 

@@ -9,8 +9,8 @@ each candidate streams the search windows through the model, every block runs
   depth; the lowest score wins, ties to the first λ in the reference's order (`choose`).
 - Row step, on top of the best block λ: per-row ratios from that candidate's activation change
   (`row_ratios`), λ ∈ {0} ∪ the block set, scored and chosen the same way.
-- SparseGPT/APT (solver methods) run the block step only, as the reference; so do families without
-  a producer→consumer map (Mamba) and mixture-of-experts families (`Family.no_row_step` says why).
+- SparseGPT/APT/D²Prune (solver methods) run the block step only, as the reference; so do families
+  without a producer→consumer map (Mamba) and mixture-of-experts families (`Family.no_row_step` says why).
   `steps` says which steps run and why.
 """
 

@@ -292,11 +292,13 @@ def initial_metric(W: Tensor, stats, method) -> Tensor:
     """The base method's score that seeds DSnoT's mask (reference `prune_DSnoT`).
 
     Score methods use their score; solver methods (SparseGPT, APT) use SparseGPT's saliency
-    w² / [U]_jj² with U the upper Cholesky factor of the damped H⁻¹, and are not reconstructed
-    (the reference only masks).
+    w² / [U]_jj² with U the upper Cholesky factor of the damped H⁻¹, or their own (`Method.saliency`,
+    D²Prune's), and are not reconstructed (the reference only masks).
     """
     if method.score is not None:
         return method.score(W, stats)
+    if method.saliency is not None:
+        return method.saliency(W, stats)
     from neuroal.solvers.hessian import prepare
 
     W32, U = prepare(W, stats.hessian, 0.01)

@@ -57,7 +57,7 @@ def projected_passes(layout: ModelLayout, *, dtype_bytes: int, seqlen: int, sear
     flops_per_window = sum(block_forward_flops(b.params, layout.hidden_size, seqlen) for b in layout.blocks)
     move_s = sum(b.params for b in layout.blocks) * dtype_bytes / (rate * 1e9)
     steps = search_passes(sparsity)
-    if not row_step:  # SparseGPT/APT: the block step only
+    if not row_step:  # solver methods (SparseGPT/APT/D²Prune): the block step only
         steps = steps[:2]
     passes = [(name, n * search_windows) for name, n in steps]
     passes.append(("final pass", nsamples))
@@ -73,4 +73,4 @@ def method_line(*, tflops: float, h2d_gbps: float, disk_gbps: float, mode: str) 
         moves += ", " + said(disk_gbps, ASSUMED_DISK_GBPS, "GB/s disk")
     return (f"projection, not a measurement: dense block FLOPs at {said(tflops, ASSUMED_TFLOPS, 'TFLOP/s')} "
             f"(all experts counted for MoE: an upper bound) + each block moved once per pass at {moves}; "
-            f"solver time (SparseGPT/APT) not counted")
+            f"solver time (SparseGPT/APT/D²Prune) not counted")

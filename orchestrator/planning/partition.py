@@ -41,7 +41,7 @@ def default_micro_tokens() -> int:
 
 
 def needs_hessian(method: str) -> bool:
-    """The method keeps a Hessian per linear (SparseGPT, APT): the plan adds their bytes."""
+    """The method keeps a Hessian per linear (SparseGPT, APT, D²Prune): the plan adds their bytes."""
     from neuroal.methods import METHODS
     from neuroal.stats import HESSIAN
 
@@ -207,7 +207,7 @@ def plan_shards(
         stream_windows: calibration windows per stream (8 for the NeuroAL search).
         nsamples: calibration windows of the final pass, one stream of them all (128).
         seqlen: tokens per window.
-        method: base pruning method; SparseGPT/APT add the per-linear Hessians.
+        method: base pruning method; the solvers (SparseGPT/APT/D²Prune) add the per-linear Hessians.
         headroom: fraction of `mem_per_actor` left unplanned, in [0, 1).
         head_runs: the passes run the lm head on every token (a session that only evaluates), so
             the last shard's pace includes the head and it takes fewer blocks. A pruning session

@@ -143,6 +143,7 @@ def test_every_method_prunes_a_layer_to_the_requested_sparsity(name):
     X = torch.randn(4, 32, 64)
     st = LinearStats(kinds=METHODS.get(name).needs | {NORMS})
     st.add(X)
+    st.add_output(X @ Wl.T)  # D²Prune's output norms
     new = prune_linear(Wl, st, 0.5, METHODS.get(name))
     assert (new == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
     nm = prune_linear(Wl, st, 0.5, METHODS.get(name), pattern=Pattern(2, 4))
@@ -150,7 +151,11 @@ def test_every_method_prunes_a_layer_to_the_requested_sparsity(name):
 
 
 def test_registries_name_every_method():
-    assert sorted(METHODS.names()) == ["apt", "magnitude", "multiflow", "sparsegpt", "wanda"]
-    assert sorted(SCORES.names()) == ["magnitude", "multiflow", "wanda"]
+    assert METHODS.names() == ["magnitude", "wanda", "sparsegpt", "multiflow", "apt", "ria", "d2prune"]
+    assert SCORES.names() == ["magnitude", "wanda", "multiflow", "ria"]  # the score-based methods, registered once
+    assert all(SCORES.get(n) is METHODS.get(n).score for n in SCORES.names())
+    assert "sparsegpt" not in SCORES and "wanda" in SCORES
+    with pytest.raises(SpecError, match="score: got 'sparsegpt'"):
+        SCORES.get("sparsegpt")
     with pytest.raises(SpecError, match="--method.*did you mean 'wanda'"):
         METHODS.get("wand")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import TINY
 from neuroal.families import family_for
 from neuroal.prunable import block_linears
 from orchestrator.run import prune
@@ -37,6 +38,23 @@ def test_every_method_prunes_and_reloads(family, top_up, tiny_dirs, shared_data,
         assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.04), method
         if top_up == "neuroal":
             assert run["lambda_block"] is not None
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert _zeros(model) == pytest.approx(run["sparsity_actual"], abs=1e-6)
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.randint(0, 1000, (1, 12))).logits).all()
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_ria_and_d2prune_on_every_family(family, tiny_dirs, shared_data, tmp_path, monkeypatch):
+    """The two newer methods on every family of the tiny matrix, with one top-up (their other top-ups and
+    N:M run on Llama in test_prune_e2e): the target is reached, the checkpoint reloads and runs."""
+    monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
+    for method in ("ria", "d2prune"):
+        out = tmp_path / method
+        spec = build_spec(model=str(tiny_dirs[family]), method=method, top_up="uniform", sparsity=0.6, seqlen=24,
+                          nsamples=4, executor="local", data_dir=str(shared_data), out=str(out))
+        run = prune(spec)
+        assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.04), method
         model = AutoModelForCausalLM.from_pretrained(out)
         assert _zeros(model) == pytest.approx(run["sparsity_actual"], abs=1e-6)
         with torch.no_grad():

@@ -68,7 +68,7 @@ def test_rerun_resumes_and_store_has_no_duplicates(tiny_dirs, shared_data, tmp_p
 
 
 @pytest.mark.parametrize("top_up", ["uniform", "owl", "alpha", "dsnot", "neuroal"])
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "multiflow", "apt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "multiflow", "apt", "ria", "d2prune"])
 def test_every_top_up_with_every_method(top_up, method, tiny_dirs, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     spec = _spec(tmp_path, tiny_dirs["llama_gqa"], shared_data, method=method, top_up=top_up, sparsity=0.6,
@@ -77,7 +77,7 @@ def test_every_top_up_with_every_method(top_up, method, tiny_dirs, shared_data, 
     assert run["sparsity_actual"] == pytest.approx(0.6, abs=0.04)
     if top_up == "neuroal":
         assert run["lambda_block"] is not None
-        if method in ("sparsegpt", "apt"):
+        if method in ("sparsegpt", "apt", "d2prune"):  # solvers
             assert run["lambda_row"] is None and any("block step only" in n for n in run["notes"])
         else:
             assert run["lambda_row"] is not None
@@ -91,6 +91,25 @@ def test_nm_patterns(pattern, top_up, tiny_dirs, shared_data, tmp_path, monkeypa
     spec = _spec(tmp_path, tiny_dirs["llama"], shared_data, method="wanda", top_up=top_up, pattern=pattern, eval="")
     run = prune(spec)
     assert run["sparsity_actual"] == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("top_up", ["uniform", "dsnot"])
+@pytest.mark.parametrize("method", ["ria", "d2prune"])
+def test_nm_patterns_of_ria_and_d2prune(method, top_up, pattern, tiny_dirs, shared_data, tmp_path, monkeypatch):
+    """Every row group of M inputs in every prunable linear holds exactly N zeros (D²Prune: its
+    swept linears and its v_proj, masked without update, alike)."""
+    monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
+    spec = _spec(tmp_path, tiny_dirs["llama"], shared_data, method=method, top_up=top_up, pattern=pattern, eval="")
+    run = prune(spec)
+    assert run["sparsity_actual"] == pytest.approx(0.5, abs=1e-9)
+    n, m = (int(v) for v in pattern.split(":"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    fam = family_for(model.config)
+    for block in model.get_submodule(fam.blocks):
+        for name in fam.linears:
+            w = block.get_submodule(name).weight
+            assert ((w == 0).reshape(w.shape[0], -1, m).sum(-1) == n).all(), name
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "apt"])

@@ -176,6 +176,32 @@ def test_offloaded_ray_shards_equal_the_in_process_run_and_run_json_counts_moves
     assert blocks == list(range(len(ref_weights)))
 
 
+@pytest.mark.parametrize("method", ["ria", "d2prune"])
+def test_ria_and_d2prune_on_two_offloaded_ray_shards_equal_the_in_process_run(method, ray_local, tiny_dirs, shared_data,
+                                                                              tmp_path):
+    """RIA (NeuroAL block and row steps) and D²Prune (block step only, its output-norm statistics
+    gathered on each shard) on 2 offloaded Ray shard actors: the in-process λs and masks.
+
+    RIA's weights are the in-process ones bit for bit. D²Prune's swept linears, like SparseGPT's, differ
+    in the last bits: each actor runs torch on its CPU share (1 thread here, 2 in-process), and the
+    OBS update's matmuls round by thread count; its masks, and its v_proj (no update), are exact."""
+    ref_run, ref_weights, _ = _run(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path / "ref", executor="local",
+                                         shards=1, method=method), tmp_path / "ref")
+    run, weights, _ = _run(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path / "ray", executor="ray", shards=2,
+                                 offload="cpu", method=method), tmp_path / "ray")
+    assert run["lambda_block"] is not None and (run["lambda_row"] is None) == (method == "d2prune")
+    assert (run["lambda_block"], run["lambda_row"]) == (ref_run["lambda_block"], ref_run["lambda_row"])
+    assert weights.keys() == ref_weights.keys()
+    for b, ref in ref_weights.items():
+        for name, w in ref.items():
+            assert torch.equal(weights[b][name] == 0, w == 0), (b, name)
+            if method == "ria" or name == "self_attn.v_proj":
+                assert torch.equal(weights[b][name], w), (b, name)
+            else:
+                assert torch.allclose(weights[b][name], w, rtol=0, atol=1e-5), (b, name)
+    assert run["perplexity"]["wikitext2"] == pytest.approx(ref_run["perplexity"]["wikitext2"], rel=1e-5)
+
+
 def test_a_cpu_shard_actor_keeps_freed_host_memory(ray_local, tiny_dirs, shared_data, tmp_path):
     """The CPU shard actor raised glibc's malloc thresholds (neuroal.host_memory) when it loaded."""
     session = session_for(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path, executor="ray", shards=1))

@@ -94,7 +94,7 @@ CASES = [
     (P + ["--method", "neuroal.scores:wandaa"], "('neuroal.scores' has no attribute 'wandaa'; did you mean 'wanda'?)"),
     (P + ["--method", "neuroal.scores.wanda"], "(did you mean 'neuroal.scores:wanda'?)"),
     (P + ["--method", "neuroal.scores:"], "--method: got 'neuroal.scores:'; allowed: magnitude"),
-    (P + ["--method", "neuroal.scores:SCORES"], "(it is a Registry; expected a neuroal.methods.Method or a score"),
+    (P + ["--method", "neuroal.methods:METHODS"], "(it is a Registry; expected a neuroal.methods.Method or a score"),
     (P + ["--top-up", "nopkg_xyz:Ramp"], "--top-up: got 'nopkg_xyz:Ramp'; allowed: alpha, neuroal, owl, uniform, "
                                          "dsnot, or package.module:object naming an Allocator subclass or instance "
                                          "(cannot import 'nopkg_xyz'"),

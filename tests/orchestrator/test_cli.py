@@ -32,7 +32,8 @@ def _one_line_error(result):
         (["--pattern", "5:4"], "--pattern"),
         (["--method", "obs"], "--method: got 'obs'; allowed: magnitude, wanda, sparsegpt, multiflow, apt, ria, d2prune"),
         (["--method", "d2prun"], "--method: got 'd2prun'; allowed: magnitude, wanda, sparsegpt, multiflow, apt, ria, "
-                                 "d2prune (did you mean 'd2prune'?)"),
+                                 "d2prune, or package.module:object"),
+        (["--method", "d2prun"], "(did you mean 'd2prune'?)"),
         (["--top-up", "owl2"], "--top-up: got 'owl2'"),
         (["--neuroal-step", "rows"], "--neuroal-step: got 'rows'; allowed: block, row, both"),
         (["--pattern", "2:4", "--top-up", "owl"], "--top-up: got 'owl'; allowed: uniform, dsnot with an N:M --pattern"),

@@ -311,9 +311,9 @@ def first_error(exc: ValidationError) -> dict:
 
 def resolve_executor(executor: str, *, address: str | None, shards) -> str:
     """"auto": Ray when a cluster is named (--address / $RAY_ADDRESS) or the job has several shards;
-    else in process. An embedded Ray instance for one shard on this machine adds its start (Ray's
-    processes, an actor importing torch, its shutdown: about 7 s on 2 CPUs,
-    `benchmarks/startup.py`) and nothing else: a one-off `neuroal eval` starts fast."""
+    else in process. An embedded Ray instance for one shard on this machine adds its start and
+    nothing else (Ray's processes 3.8 s, a shard actor's start and load 4.0 s, its shutdown 1.4 s on
+    2 CPUs, `benchmarks/startup.py`): a one-off `neuroal eval` starts fast."""
     if executor != "auto":
         return executor
     many = isinstance(shards, int) and shards > 1

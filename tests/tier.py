@@ -1,6 +1,7 @@
 """Write tests/tiers.json: which tests leave the fast tier (`pytest -m "not slow"`), from measured times.
 
-Run the whole suite with `--junitxml=junit.xml`, then `python tests/tier.py junit.xml`: tests are
+Run the whole suite with `--junitxml=junit.xml`, then `python tests/tier.py junit.xml [more.xml ...]`
+(a later file's times win: measure new tests alone and add their file): tests are
 taken fastest first into the fast tier until their measured seconds reach `--budget`; the rest is
 marked slow by tests/conftest.py (as is any test of the real model, measured or not). A test the
 measurement did not see (a new one) is in the fast tier until the next measurement. The budget is
@@ -31,11 +32,13 @@ def durations(junit: Path) -> dict[str, float]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("junit", type=Path)
+    ap.add_argument("junit", type=Path, nargs="+")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds of measured test time in the fast tier")
     ap.add_argument("--out", type=Path, default=HERE / "tiers.json")
     args = ap.parse_args()
-    times = durations(args.junit)
+    times = {}
+    for junit in args.junit:
+        times.update(durations(junit))
     fast, total = [], 0.0
     for node, t in sorted(times.items(), key=lambda kv: kv[1]):
         if total + t > args.budget:
@@ -44,7 +47,7 @@ def main():
         total += t
     slow = sorted(set(times) - set(fast))
     args.out.write_text(json.dumps({
-        "budget_s": args.budget, "measured": time.strftime("%Y-%m-%d", time.gmtime(args.junit.stat().st_mtime)),
+        "budget_s": args.budget, "measured": time.strftime("%Y-%m-%d", time.gmtime(args.junit[0].stat().st_mtime)),
         "fast_tests": len(fast), "fast_s": round(total, 1), "slow_tests": len(slow),
         "slow_s": round(sum(times[n] for n in slow), 1), "slow": slow}, indent=1) + "\n")
     print(f"fast tier: {len(fast)} tests, {total:.0f} s measured; slow: {len(slow)} tests, "

@@ -72,12 +72,12 @@ def set_knobs(pairs: list[str]) -> dict[str, str]:
     (`spec_with_knobs` names a bad one as `--set key`)."""
     import difflib
 
-    allowed = settable()
+    allowed, flags = settable(), prune_flags()
     out = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         key = key.strip().replace("-", "_")
-        if key in prune_flags():
+        if key in flags:
             raise SpecError("--set", pair, f"knobs without a flag of their own (use --{key.replace('_', '-')})")
         if not eq or key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)

@@ -29,9 +29,9 @@ def run(seqlen: int, top_up: str, threshold: float, nsamples: int, sparsity: flo
 
     from neuroal.allocation import ratios as R
     from neuroal.data import calibration_windows
-    from orchestrator.evaluation import perplexity
-    from orchestrator.run import final_prune, prune_options, session_for
-    from orchestrator.shard import Shard
+    from orchestrator.evaluation.perplexity import perplexity
+    from orchestrator.pruning.job import final_prune, prune_options, session_for
+    from orchestrator.chain.shard import Shard
     from orchestrator.spec import build_spec
 
     spec = build_spec(method="wanda", top_up=top_up, sparsity=sparsity, seqlen=seqlen, nsamples=nsamples,

@@ -31,8 +31,8 @@ VARIANTS = {  # PruneSpec fields of each variant
 def run_variant(variant: str, sparsity: float, nsamples: int, seqlen: int, eval_windows: int) -> dict:
     from neuroal.allocation import ratios as R
     from neuroal.data import calibration_windows
-    from orchestrator.evaluation import perplexity
-    from orchestrator.run import final_prune, prune_options, session_for
+    from orchestrator.evaluation.perplexity import perplexity
+    from orchestrator.pruning.job import final_prune, prune_options, session_for
     from orchestrator.spec import build_spec
 
     spec = build_spec(method="wanda", sparsity=sparsity, seqlen=seqlen, nsamples=nsamples, executor="local",

@@ -64,7 +64,7 @@ def window_flops(config, seqlen: int) -> float:
 
 
 def neuroal_ppl(sessions: dict, name: str, windows: int, seqlen: int) -> tuple[float, float]:
-    from orchestrator.evaluation import perplexity
+    from orchestrator.evaluation.perplexity import perplexity
 
     t = time.perf_counter()
     value, _ = perplexity(sessions[name], "wikitext2", seqlen, DATA_DIR, max_windows=windows)
@@ -95,8 +95,8 @@ def perplexity_section(args) -> tuple[list, dict]:
     from neuroal.data import perplexity_tokens, perplexity_windows
     from neuroal.host_memory import ENV as KEEP_ENV
     from neuroal.models import load_config, resolve_model
-    from orchestrator.eval_run import open_evaluation_session
-    from orchestrator.run import session_for
+    from orchestrator.evaluation.jobs import open_evaluation_session
+    from orchestrator.pruning.job import session_for
     from orchestrator.spec import build_spec
 
     def pruning(**kw):  # a session as `neuroal prune --eval` opens it
@@ -168,7 +168,7 @@ def zeroshot_section(args) -> tuple[list, dict]:
             res = evaluate_zeroshot(model, tok, tasks, data_dir=DATA_DIR, limit=args.limit, **kw)
             times[k].append(time.perf_counter() - t)
             accs[k] = {f"{r.task}/{r.metric}": r.value for r in res}
-    from orchestrator.eval_run import evaluate_model
+    from orchestrator.evaluation.jobs import evaluate_model
 
     cli = {"neuroal eval --zeroshot, CLI default (Ray task, load included)": "ray",
            "neuroal eval --zeroshot --executor local (load included)": "local"}

@@ -1,6 +1,6 @@
 """GPU check (one accelerator, < 8 minutes): a random-initialised Llama-shaped model at 7B width
 (4 blocks, bf16) pruned with Wanda, SparseGPT and APT, and a NeuroAL block step on 8 x 2048 windows,
-on the path users run (`orchestrator.run`: in process on CUDA, then one Ray shard actor on the GPU).
+on the path users run (`orchestrator.pruning.job`: in process on CUDA, then one Ray shard actor on the GPU).
 
 Per-block seconds, peak CUDA memory, and the ratio against a per-window loop (the same code with one
 window per block call, as the reference implementations run). Then the NeuroAL block step's choice
@@ -45,8 +45,8 @@ def run_case(folder: Path, calib: Path, method: str, top_up: str, windows: int, 
              step: str = "block", dtype: str = "auto", tf32: bool = False) -> dict:
     import torch
 
-    from orchestrator.run import allocate, final_prune, prune_options, session_for
-    from orchestrator.shard import Shard
+    from orchestrator.pruning.job import allocate, final_prune, prune_options, session_for
+    from orchestrator.chain.shard import Shard
     from orchestrator.spec import build_spec
     from neuroal.data import calibration_windows
 

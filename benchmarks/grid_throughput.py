@@ -37,7 +37,7 @@ def run(num_cpus: int) -> dict:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per Ray task: CPUs are the workers
     from orchestrator.grid import load_grid, run_grid
-    from orchestrator.store import read_store
+    from orchestrator.results.store import read_store
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "grid.yaml"

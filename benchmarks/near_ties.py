@@ -20,8 +20,8 @@ from _common import DATA_DIR, ROOT, in_child, machine, print_table, write_json
 def run(sparsity: float, windows: int, seqlen: int, nsamples: int, eval_windows: int) -> dict:
     from neuroal.allocation.neuroal import block_candidates
     from neuroal.data import calibration_windows
-    from orchestrator.evaluation import perplexity
-    from orchestrator.run import allocate, final_prune, prune_options, session_for
+    from orchestrator.evaluation.perplexity import perplexity
+    from orchestrator.pruning.job import allocate, final_prune, prune_options, session_for
     from orchestrator.spec import build_spec
 
     spec = build_spec(method="wanda", top_up="neuroal", neuroal_step="block", sparsity=sparsity, seqlen=seqlen,

@@ -1,7 +1,7 @@
 """NeuroAL search on SmolLM2 (8 windows x 256 tokens): our search vs the reference code's way.
 
 Three measurements, same data, same model, one process each:
-1. ours: the NeuroAL allocator (`orchestrator.run.allocate`) on one in-process shard with exact early stopping (the default);
+1. ours: the NeuroAL allocator (`orchestrator.pruning.job.allocate`) on one in-process shard with exact early stopping (the default);
 2. ours, brute force (early stopping off): every candidate scored to the end;
 3. reference style: a transcription of eliacunegatti/NeuroAL `get_neuroal_block`/`get_neuroal_row`
    (per-window loop, `get_forward` clones, `WrappedGPT` statistics with mean and variance, sort
@@ -26,7 +26,7 @@ SPARSITY = 0.7
 
 def run_ours(early_stop: bool, nsamples: int) -> dict:
     from neuroal.data import calibration_windows
-    from orchestrator.run import allocate, final_prune, prune_options, session_for
+    from orchestrator.pruning.job import allocate, final_prune, prune_options, session_for
     from orchestrator.spec import build_spec
 
     spec = build_spec(method="wanda", top_up="neuroal", sparsity=SPARSITY, seqlen=256, nsamples=nsamples,

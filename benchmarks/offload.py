@@ -25,9 +25,9 @@ def run(mode: str, block_major: bool, seqlen: int) -> dict:
     from neuroal.allocation.neuroal import NeuroAL
     from neuroal.data import calibration_windows
     from neuroal.methods import METHODS
-    from orchestrator.evidence import StreamScorer
-    from orchestrator.run import prune_options, session_for
-    from orchestrator.shard import Shard
+    from orchestrator.pruning.evidence import StreamScorer
+    from orchestrator.pruning.job import prune_options, session_for
+    from orchestrator.chain.shard import Shard
     from orchestrator.spec import build_spec
 
     spec = build_spec(method="wanda", top_up="neuroal", neuroal_step="block", neuroal_tie_check=False, sparsity=0.7,

@@ -32,8 +32,8 @@ def run_search(shards: int, seqlen: int) -> dict:
     import ray
 
     from neuroal.data import calibration_windows
-    from orchestrator.run import allocate, prune_options, session_for
-    from orchestrator.shard import Shard
+    from orchestrator.pruning.job import allocate, prune_options, session_for
+    from orchestrator.chain.shard import Shard
     from orchestrator.spec import build_spec
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")

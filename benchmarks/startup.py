@@ -101,14 +101,14 @@ def phases(folder: str, seqlen: int) -> dict:
         t = time.perf_counter()
         perplexity_tokens("wikitext2", tok, seqlen, DATA_DIR, cache=cache)
         out["the same from the token cache"] = time.perf_counter() - t
-    from orchestrator.session import open_session
+    from orchestrator.chain.session import open_session
 
     t = time.perf_counter()
     open_session(str(folder), executor="local", seqlen=seqlen, head_runs=True).close()
     out["open an in-process shard (load)"] = time.perf_counter() - t
     import ray
 
-    from orchestrator.ray_chain import ensure_ray
+    from orchestrator.chain.ray_runtime import ensure_ray
 
     t = time.perf_counter()
     ensure_ray(None, os.cpu_count())

@@ -6,13 +6,13 @@ The Python API (`orchestrator.api`): `from orchestrator import prune, evaluate, 
 __all__ = ["prune", "evaluate", "plan", "RunRecord"]
 
 
-def __getattr__(name: str):  # imported on first use: `import orchestrator.store` stays light
+def __getattr__(name: str):  # imported on first use: `import orchestrator.results.store` stays light
     if name in ("prune", "evaluate", "plan"):
         from orchestrator import api
 
         return getattr(api, name)
     if name == "RunRecord":
-        from orchestrator.record import RunRecord
+        from orchestrator.results.record import RunRecord
 
         return RunRecord
     raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")

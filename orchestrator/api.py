@@ -18,7 +18,7 @@ from pathlib import Path
 
 from neuroal import fileio
 from neuroal.errors import NeuroalError, SpecError
-from orchestrator.record import RunRecord
+from orchestrator.results.record import RunRecord
 
 
 def prune(model: str = "smollm2-135m", *, overwrite: bool = False, store: bool | str | Path = True,
@@ -28,7 +28,7 @@ def prune(model: str = "smollm2-135m", *, overwrite: bool = False, store: bool |
     Args:
         overwrite: redo a finished run in `out`.
         store: append the results rows to the default store (True), to this folder, or not (False).
-        progress: called with run events (`orchestrator.run.prune`), e.g. for a notebook progress bar.
+        progress: called with run events (`orchestrator.pruning.job.prune`), e.g. for a notebook progress bar.
         **flags: `method`, `top_up` (a built-in name, or `package.module:object` of your own installed
             package: `neuroal.plugins`), `sparsity`, `pattern`, `calibration`, `nsamples`, `seqlen`, `eval`,
             `zeroshot`, `out`, `shards`, `executor`, `address` (default `$RAY_ADDRESS`), ... (`PruneSpec`).
@@ -39,7 +39,7 @@ def prune(model: str = "smollm2-135m", *, overwrite: bool = False, store: bool |
     Raises:
         NeuroalError: a bad value or an unusable input, in one line naming the flag.
     """
-    from orchestrator.run import prune as prune_spec
+    from orchestrator.pruning.job import prune as prune_spec
     from orchestrator.spec import build_spec
 
     flags.setdefault("address", os.environ.get("RAY_ADDRESS"))
@@ -58,10 +58,10 @@ def evaluate(model: str, *, eval=(), zeroshot=(), seqlen: int | None = None, eva
     Raises:
         NeuroalError: a bad value, nothing to evaluate, or an unusable input.
     """
-    from orchestrator.eval_run import evaluate_model
-    from orchestrator.outputs import read_run
+    from orchestrator.evaluation.jobs import evaluate_model
+    from orchestrator.results.run_folder import read_run
     from orchestrator.spec import build_spec
-    from orchestrator.store import append_run_rows, store_dir
+    from orchestrator.results.store import append_run_rows, store_dir
 
     address = address or os.environ.get("RAY_ADDRESS")
     checked = build_spec(eval=eval, zeroshot=zeroshot, shards=shards, executor=executor, address=address, dtype=dtype,
@@ -123,7 +123,7 @@ def plan(model: str = "smollm2-135m", *, gpus: int | None = None, gpu_mem: str =
     from orchestrator.planning.cost import (ASSUMED_DISK_GBPS, ASSUMED_H2D_GBPS, ASSUMED_TFLOPS, method_line,
                                             projected_passes)
     from orchestrator.planning.layout import measure_model
-    from orchestrator.planning.offloaded import plan_offloaded
+    from orchestrator.planning.offloaded import plan_offloaded, resident_or_offloaded
     from orchestrator.planning.sizes import DTYPE_BYTES, canonical_dtype
     from orchestrator.spec import OFFLOAD_CHOICES, check_sparsity
 
@@ -138,17 +138,14 @@ def plan(model: str = "smollm2-135m", *, gpus: int | None = None, gpu_mem: str =
     disk_gbps = ASSUMED_DISK_GBPS if disk_gbps is None else disk_gbps
     cfg = load_plan_config(model)
     mem = parse_bytes(gpu_mem)
-    reason = ""
-    if offload in ("auto", "none"):
-        try:
-            p = plan_shards(cfg, n_actors=gpus, mem_per_actor=mem, dtype=dtype, method=method,
-                            streams_in_flight=streams, seqlen=seqlen, nsamples=nsamples)
-            return PlanResult(payload=p.to_dict(), plan=p)
-        except SpecError as exc:
-            if offload == "none":
-                raise
-            reason = f"offloaded: the blocks do not fit ({exc})"
-    mode = "cpu" if offload == "auto" else offload
+    def resident():
+        return plan_shards(cfg, n_actors=gpus, mem_per_actor=mem, dtype=dtype, method=method,
+                           streams_in_flight=streams, seqlen=seqlen, nsamples=nsamples)
+
+    p, mode, why = resident_or_offloaded(offload, resident)
+    if mode is None:
+        return PlanResult(payload=p.to_dict(), plan=p)
+    reason = f"offloaded: the blocks do not fit ({why})" if offload == "auto" else ""
     op = plan_offloaded(cfg, n_actors=gpus, mem_per_actor=mem, mode=mode, dtype=dtype, method=method,
                         nsamples=nsamples, seqlen=seqlen, reason=reason)
     passes = projected_passes(measure_model(cfg), dtype_bytes=DTYPE_BYTES[canonical_dtype(dtype)], seqlen=seqlen,

@@ -20,7 +20,7 @@ from neuroal.allocation import ALLOCATORS
 from neuroal.errors import NeuroalError, SpecError
 from neuroal.methods import METHODS
 from orchestrator.planning.cost import ASSUMED_DISK_GBPS, ASSUMED_H2D_GBPS, ASSUMED_TFLOPS
-from orchestrator.record import RunRecord
+from orchestrator.results.record import RunRecord
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distributed one-shot pruning of LLMs (NeuroAL).")
 console = Console(stderr=True)
@@ -147,8 +147,8 @@ class _Reporter:
 
 
 def run_with_progress(spec, *, overwrite: bool = False, store: bool | str | Path = True) -> RunRecord:
-    """`orchestrator.run.prune` with a progress bar on the console."""
-    from orchestrator.run import prune as prune_one
+    """`orchestrator.pruning.job.prune` with a progress bar on the console."""
+    from orchestrator.pruning.job import prune as prune_one
 
     with Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
@@ -338,14 +338,14 @@ def grid(
     """Run a benchmark grid: prune every cell and evaluate it, resumably, into a Parquet store."""
     _setup_logging(False)
     from orchestrator.grid import cell_done, expand, load_grid, run_grid
-    from orchestrator.store import existing_keys
+    from orchestrator.results.store import existing_keys
 
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         fileio.check_folder(store, "--store")
         g = load_grid(spec)
         if address and not check:  # before the summary: a cluster that does not answer is the one line
-            from orchestrator.ray_chain import check_address
+            from orchestrator.chain.ray_runtime import check_address
 
             check_address(address)
         plan = expand(g, Path(store))
@@ -395,7 +395,7 @@ def report(
 ):
     """Tables in the paper's shape and plots from a results store."""
     _setup_logging(False)
-    from orchestrator.report import build_report
+    from orchestrator.results.report import build_report
 
     if not Path(store).is_dir():
         _fail(NeuroalError(f"store: {store!r} is not a folder"))

@@ -35,7 +35,9 @@ from neuroal.data import DATA_VERSION
 from neuroal.errors import SpecError
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.zeroshot import TaskFolder, check_tasks
-from orchestrator.evaluation import TransientError, keyed_zeroshot, task_folder, transient, zeroshot_key
+from orchestrator.chain.ray_runtime import TransientError, ray_instance, transient
+from orchestrator.results.evaluations import keyed_zeroshot, zeroshot_key
+from orchestrator.evaluation.zeroshot import task_folder
 from orchestrator.spec import (GRID_VERSION, PruneSpec, build_spec, check_datasets, check_sparsity, first_error,
                                zeroshot_folder)
 
@@ -222,7 +224,8 @@ def expand(grid: Grid, store: Path) -> GridCells:
                               calibration=grid.calibration, nsamples=grid.nsamples, seqlen=grid.seqlen,
                               eval_windows=grid.eval_windows, **extra)
         except SpecError as exc:
-            plan.skipped.append((label, str(exc)))
+            if (label, str(exc)) not in plan.skipped:  # N:M: every sparsity names the same cell
+                plan.skipped.append((label, str(exc)))
             continue
         key = spec.cell_key()
         if key in seen:
@@ -280,7 +283,7 @@ def cell_done(cell: Cell, have: set[tuple[str, str, str, str]]) -> bool:
 
 def prune_cell(spec_json: dict, data_dir: str | None) -> dict:
     """Ray task: prune one cell into its run folder (resumes a finished identical run)."""
-    from orchestrator.run import prune
+    from orchestrator.pruning.job import prune
 
     spec = PruneSpec(**spec_json)
     if data_dir:
@@ -299,8 +302,9 @@ def eval_cell(run_dir: str, kind: str, name: str, seqlen: int, data_dir: str | N
     """Ray task: one evaluation of a pruned checkpoint on the devices Ray gave it; returns metric dicts
     (zero-shot: keyed, `keyed_zeroshot`)."""
     from neuroal.data import resolve_data_dir
-    from orchestrator.evaluation import perplexity, zeroshot
-    from orchestrator.session import open_session
+    from orchestrator.evaluation.perplexity import perplexity
+    from orchestrator.evaluation.zeroshot import zeroshot
+    from orchestrator.chain.session import open_session
 
     try:
         if kind == "zeroshot":
@@ -334,13 +338,15 @@ class CellState:
 def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: str | None = None,
              num_cpus: int | None = None, on_update=None) -> dict[str, CellState]:
     """Run every missing cell and evaluation of `grid` on Ray; returns the final state per cell."""
+    with ray_instance(address, num_cpus):  # first: an address that does not answer leaves no store behind
+        return _run_cells(grid, Path(store), data_dir, on_update)
+
+
+def _run_cells(grid: Grid, store: Path, data_dir: str | None, on_update) -> dict[str, CellState]:
     import ray
 
-    from orchestrator.ray_chain import ensure_ray
-    from orchestrator.store import append_rows, existing_keys, run_rows
+    from orchestrator.results.store import append_rows, existing_keys, run_rows
 
-    started = ensure_ray(address, num_cpus)  # first: an address that does not answer leaves no store behind
-    store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     plan = expand(grid, store)
     have = existing_keys(store)
@@ -361,48 +367,44 @@ def run_grid(grid: Grid, store: Path, *, data_dir: str | None = None, address: s
         st.status = "pruning"
         pending[prune_remote.remote(st.cell.spec.model_dump(mode="json"), data_dir)] = (key, "prune", None)
     on_update(states)
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            key, kind, ev = pending.pop(ref)
-            st = states[key]
-            try:
-                out = ray.get(ref)
-            except Exception as exc:  # recorded, never silently dropped
-                cause = getattr(exc, "cause", None) or exc
-                kind_of = "transient, retried" if _is_transient(exc, cause) else "error"
-                st.status = "failed"
-                st.error = f"{kind} {ev or ''} ({kind_of}): {type(cause).__name__}: {cause}".strip()
-                logger.error("cell %s failed: %s", st.cell.label, st.error)
-                append_rows(store, [_failure_row(st, kind, ev)])
-                on_update(states)
-                continue
-            if kind == "prune":
-                st.run = out
-                append_rows(store, [r for r in run_rows(out) if r["task"] == "prune"])
-                todo = evaluations_left(st.cell, have)
-                st.evals_left = len(todo)
-                st.status = "evaluating" if todo else "done"
-                for e in todo:
-                    r = eval_remote.remote(st.cell.spec.out, e[0], e[1], grid.seqlen, data_dir, grid.eval_windows,
-                                           grid.zeroshot_limit, grid.num_fewshot, include, eval_dtype(grid))
-                    pending[r] = (key, "eval", e)
-            else:
-                rows = [dict(base, **m, protocol=_protocol(m, grid)) for base in [_base_row(st)] for m in out]
-                append_rows(store, [{k: v for k, v in r.items() if k not in ("info", "n_docs", "request")} for r in rows])
-                st.evals_left -= 1
-                if st.evals_left == 0 and st.status != "failed":
-                    st.status = "done"
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        ref = ready[0]
+        key, kind, ev = pending.pop(ref)
+        st = states[key]
+        try:
+            out = ray.get(ref)
+        except Exception as exc:  # recorded, never silently dropped
+            cause = getattr(exc, "cause", None) or exc
+            kind_of = "transient, retried" if _is_transient(exc, cause) else "error"
+            st.status = "failed"
+            st.error = f"{kind} {ev or ''} ({kind_of}): {type(cause).__name__}: {cause}".strip()
+            logger.error("cell %s failed: %s", st.cell.label, st.error)
+            append_rows(store, [_failure_row(st, kind, ev)])
             on_update(states)
-    finally:
-        if started:
-            ray.shutdown()
+            continue
+        if kind == "prune":
+            st.run = out
+            append_rows(store, [r for r in run_rows(out) if r["task"] == "prune"])
+            todo = evaluations_left(st.cell, have)
+            st.evals_left = len(todo)
+            st.status = "evaluating" if todo else "done"
+            for e in todo:
+                r = eval_remote.remote(st.cell.spec.out, e[0], e[1], grid.seqlen, data_dir, grid.eval_windows,
+                                       grid.zeroshot_limit, grid.num_fewshot, include, eval_dtype(grid))
+                pending[r] = (key, "eval", e)
+        else:
+            rows = [dict(base, **m, protocol=_protocol(m, grid)) for base in [_base_row(st)] for m in out]
+            append_rows(store, [{k: v for k, v in r.items() if k not in ("info", "n_docs", "request")} for r in rows])
+            st.evals_left -= 1
+            if st.evals_left == 0 and st.status != "failed":
+                st.status = "done"
+        on_update(states)
     return states
 
 
 def _protocol(metric: dict, grid: Grid) -> str:
-    from orchestrator.evaluation import protocol
+    from orchestrator.results.evaluations import protocol
 
     info = metric.get("info")
     if info is None:
@@ -422,7 +424,7 @@ def _is_transient(exc: BaseException, cause: BaseException) -> bool:
 
 
 def _base_row(st: CellState) -> dict:
-    from orchestrator.store import run_rows
+    from orchestrator.results.store import run_rows
 
     return {k: v for k, v in run_rows(st.run)[0].items() if k not in ("task", "metric", "value", "stderr")}
 

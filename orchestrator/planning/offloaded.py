@@ -1,6 +1,6 @@
 """Plans for fewer accelerators than the model needs: shards whose blocks take turns on the device.
 
-An offloaded shard (`orchestrator.offload`) keeps its decoder blocks in host memory (pinned) or on
+An offloaded shard (`orchestrator.chain.offload`) keeps its decoder blocks in host memory (pinned) or on
 local disk and moves one block at a time to the device; passes run block-major (`Shard.run_many`),
 so every stream of a pass goes through block b before block b+1 and each block moves once per pass.
 What the device must hold is then one block, not the shard: the embeddings / head the shard carries,
@@ -16,7 +16,9 @@ its largest block, that block's working set, and the hidden states of every stre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from neuroal.errors import SpecError
 from orchestrator.planning.layout import measure_model
@@ -28,6 +30,35 @@ from orchestrator.planning.sizes import DTYPE_BYTES, canonical_dtype, format_byt
 OFFLOAD_MODES = ("cpu", "disk")
 # streams of the largest block-major pass of a NeuroAL search: the row step's 15 λ candidates
 SEARCH_STREAMS = 15
+
+T = TypeVar("T")
+
+
+def resident_or_offloaded(offload: str, resident: Callable[[], T]) -> tuple[T | None, str | None, str]:
+    """`--offload`'s one rule (prune, eval and plan): "cpu"/"disk" offload in any case; "none" and
+    "auto" take the resident plan (`resident()`, which raises SpecError when the blocks do not fit),
+    and "auto" falls back to host memory when it does not fit.
+
+    Returns:
+        (the resident plan or None, the offload mode or None, why it was offloaded: the flag, or
+        the reason the resident plan does not fit).
+
+    >>> resident_or_offloaded("auto", lambda: "plan")
+    ('plan', None, '')
+    >>> resident_or_offloaded("disk", lambda: "plan")
+    (None, 'disk', '--offload disk')
+    >>> def too_big(): raise SpecError("--gpu-mem", "1GB", "more")
+    >>> resident_or_offloaded("auto", too_big)[1:]
+    ('cpu', "--gpu-mem: got '1GB'; allowed: more")
+    """
+    if offload in OFFLOAD_MODES:
+        return None, offload, f"--offload {offload}"
+    try:
+        return resident(), None, ""
+    except SpecError as exc:
+        if offload != "auto":
+            raise
+        return None, "cpu", str(exc)
 
 
 @dataclass(frozen=True)

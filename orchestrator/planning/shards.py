@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 class ShardSpec:
     """A contiguous range of decoder blocks held by one actor, the one range type of the project.
 
-    The planner makes them (`Plan.shard_specs`) and `orchestrator.shard.Shard` loads one; keeping a
+    The planner makes them (`Plan.shard_specs`) and `orchestrator.chain.shard.Shard` loads one; keeping a
     single type means the two cannot disagree about where a shard ends.
 
     Attributes:
@@ -162,7 +162,7 @@ class Plan:
         return max(s.total_bytes for s in self.shards)
 
     def shard_specs(self) -> list[ShardSpec]:
-        """The range of each shard, in chain order: what `orchestrator.shard.Shard` is built from."""
+        """The range of each shard, in chain order: what `orchestrator.chain.shard.Shard` is built from."""
         return [s.spec for s in self.shards]
 
     def to_dict(self) -> dict:

@@ -17,8 +17,8 @@ import torch
 from neuroal.errors import ModelLoadError
 from neuroal.models import resolve_model
 from orchestrator.planning import ShardSpec
-from orchestrator.session import open_session
-from orchestrator.shard import Shard
+from orchestrator.chain.session import open_session
+from orchestrator.chain.shard import Shard
 
 from conftest import make_tiny_checkpoint
 
@@ -89,7 +89,7 @@ def assert_same_weights(remote: Shard, local: Shard) -> None:
 
 def watch_shards(monkeypatch, downloaded) -> list:
     """Note what was downloaded as open_session starts each shard (a spy on our Shard, nothing replaced)."""
-    import orchestrator.session
+    import orchestrator.chain.executors
 
     before = []
 
@@ -98,7 +98,7 @@ def watch_shards(monkeypatch, downloaded) -> list:
             before.append(downloaded())
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(orchestrator.session, "Shard", Watched)
+    monkeypatch.setattr(orchestrator.chain.executors, "Shard", Watched)
     return before
 
 

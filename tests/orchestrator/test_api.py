@@ -57,7 +57,7 @@ def test_api_errors_are_the_clis_one_line_errors(tmp_path):
 
 
 def test_the_record_reads_a_run_json_written_before_evaluations_existed():
-    from orchestrator.record import RunRecord
+    from orchestrator.results.record import RunRecord
 
     old = {"spec": {"model": "m", "method": "wanda", "top_up": "owl", "pattern": "unstructured", "seed": 0,
                     "calibration": "c4", "seqlen": 128},

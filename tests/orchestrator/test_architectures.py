@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY
 from neuroal.families import family_for
 from neuroal.prunable import block_linears
-from orchestrator.run import prune
+from orchestrator.pruning.job import prune
 from orchestrator.spec import build_spec
 
 NEW = ["llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2", "mixtral", "qwen3_moe"]

@@ -211,8 +211,8 @@ def test_a_planted_pickle_in_a_resume_folder_is_never_loaded(tiny_dirs, shared_d
     """An interrupted run's resume folder (which may be a shared s3:// prefix) holding a planted
     `allocation.pt`, a damaged `allocation.json` and a damaged shard checkpoint: the rerun loads none
     of them, says so, and chooses the λ a clean run chooses."""
-    from orchestrator.outputs import RunOutput
-    from orchestrator.run import prune
+    from orchestrator.results.run_folder import RunOutput
+    from orchestrator.pruning.job import prune
     from orchestrator.spec import build_spec
 
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
@@ -238,9 +238,9 @@ def test_a_planted_pickle_in_a_resume_folder_is_never_loaded(tiny_dirs, shared_d
 
 
 def test_a_quick_eval_never_replaces_the_full_one_in_run_json(tiny_dirs, shared_data, tmp_path, monkeypatch):
-    from orchestrator.run import prune
+    from orchestrator.pruning.job import prune
     from orchestrator.spec import build_spec
-    from orchestrator.store import read_store
+    from orchestrator.results.store import read_store
 
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     out = tmp_path / "run"
@@ -274,7 +274,7 @@ def test_version():
 
 def test_allocation_resume_file_round_trips_exactly():
     from neuroal.allocation import Allocation
-    from orchestrator.resume import allocation_json, parse_allocation
+    from orchestrator.pruning.resume import allocation_json, parse_allocation
 
     rows = np.random.default_rng(0).uniform(0.01, 0.99, 37)
     alloc = Allocation({0: {"q": 0.5, "down": rows}, 1: {"q": 0.30000000000000004, "down": rows.astype(np.float32)}},

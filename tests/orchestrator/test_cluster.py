@@ -9,11 +9,11 @@ import pytest
 import ray
 import torch
 
-from orchestrator.ray_chain import RayChain
-from orchestrator.run import execute, session_for
-from orchestrator.shard import Shard
+from orchestrator.chain.actors import RayChain
+from orchestrator.pruning.job import execute, session_for
+from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
-from orchestrator.wire import find_tensors
+from orchestrator.chain.wire import find_tensors
 
 pytestmark = pytest.mark.ray
 
@@ -83,7 +83,7 @@ def test_three_gpu_shards_on_two_nodes_equal_the_in_process_run(cluster, tiny_di
     finally:
         ref_session.close()
 
-    monkeypatch.setattr("orchestrator.ray_chain.RayChain", _Watched)
+    monkeypatch.setattr("orchestrator.chain.actors.RayChain", _Watched)
     _Watched.seen = []
     spec = _spec(tiny_dirs["llama_gqa"], shared_data, tmp_path / "ray", executor="ray", shards=3,
                  address=cluster.address)
@@ -117,7 +117,7 @@ def test_three_gpu_shards_on_two_nodes_equal_the_in_process_run(cluster, tiny_di
 def test_more_shards_than_gpus_is_a_one_line_error(cluster, monkeypatch):
     """Never a silent CPU run: after a bounded wait for an autoscaler, one line naming what the cluster has."""
     from neuroal.errors import NeuroalError
-    from orchestrator.session import open_session
+    from orchestrator.chain.session import open_session
 
     monkeypatch.setenv("NEUROAL_GPU_WAIT_S", "2")
     with pytest.raises(NeuroalError) as err:
@@ -128,7 +128,7 @@ def test_more_shards_than_gpus_is_a_one_line_error(cluster, monkeypatch):
 
 def test_a_cpu_shard_asks_for_at_most_one_node(cluster):
     """The head has no CPUs and each worker 2: one CPU shard takes one node's 2 CPUs, not the cluster's 4."""
-    from orchestrator.placement import place_shards
+    from orchestrator.chain.placement import place_shards
 
     one = place_shards(1, "cpu")
     assert one.bundle == {"CPU": 2} and one.groups == (1,) and one.threads == 2

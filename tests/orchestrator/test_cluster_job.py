@@ -137,7 +137,7 @@ def test_job_submit_to_s3_survives_a_lost_node(job_cluster, s3, shared_data, tmp
     remote = AutoModelForCausalLM.from_pretrained(got)
 
     # the same prune, in process, into a local folder
-    from orchestrator.run import prune
+    from orchestrator.pruning.job import prune
     from orchestrator.spec import build_spec
 
     local_out = tmp_path / "local"

@@ -14,8 +14,8 @@ from orchestrator.spec import build_spec, resolve_executor
 
 
 def test_an_fp32_request_is_not_answered_by_a_bf16_evaluation(tiny_dirs, shared_data, tmp_path, monkeypatch):
-    from orchestrator.run import prune
-    from orchestrator.store import read_store
+    from orchestrator.pruning.job import prune
+    from orchestrator.results.store import read_store
 
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     out = tmp_path / "run"

@@ -4,8 +4,8 @@ Ray actor given a GPU, with the same masks and λ on both paths; statistics stay
 import pytest
 import torch
 
-from orchestrator.run import execute, session_for
-from orchestrator.shard import Shard
+from orchestrator.pruning.job import execute, session_for
+from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

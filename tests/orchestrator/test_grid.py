@@ -13,8 +13,8 @@ import yaml
 
 from neuroal.errors import SpecError
 from orchestrator.grid import expand, expected_rows, load_grid, run_grid
-from orchestrator.report import build_report
-from orchestrator.store import append_rows, read_store
+from orchestrator.results.report import build_report
+from orchestrator.results.store import append_rows, read_store
 
 
 def _write(tmp_path, body: dict, name="g.yaml") -> Path:

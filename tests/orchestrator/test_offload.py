@@ -4,8 +4,8 @@ block once per pass, and the result is the non-offloaded one (SmolLM2, --gpu-mem
 import pytest
 import torch
 
-from orchestrator.run import execute, session_for
-from orchestrator.shard import Shard
+from orchestrator.pruning.job import execute, session_for
+from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def _run(shared_data, out, **kw):
 def test_offloaded_equals_resident(method, top_up, shared_data, tmp_path):
     ref, ref_w, _, _ = _run(shared_data, tmp_path / "ref", method=method, top_up=top_up)
     run, w, report, session = _run(shared_data, tmp_path / "off", method=method, top_up=top_up, gpu_mem=BUDGET)
-    assert session.offload == "cpu" and "do not fit --gpu-mem 150MB" in session.offload_reason
+    assert session.offload.mode == "cpu" and "do not fit --gpu-mem 150MB" in session.offload.why
     assert (run["lambda_block"], run["lambda_row"]) == (ref["lambda_block"], ref["lambda_row"])
     assert run["lambda_curves"] and all(p["complete"] for pts in run["lambda_curves"].values() for p in pts) \
         if top_up == "neuroal" else True  # block-major: the exact early stop is given up

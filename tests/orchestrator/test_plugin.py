@@ -170,7 +170,7 @@ def test_an_installed_packages_method_and_top_up_prune_on_ray_shards_as_in_proce
     import torch
 
     from orchestrator import api
-    from orchestrator.store import read_store
+    from orchestrator.results.store import read_store
 
     mod, tag = installed["mod"], installed["tag"]
     store = tmp_path / "store"

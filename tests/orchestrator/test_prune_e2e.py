@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from neuroal.families import family_for
-from orchestrator.run import prune
+from orchestrator.pruning.job import prune
 from orchestrator.spec import build_spec
-from orchestrator.store import read_store
+from orchestrator.results.store import read_store
 
 FAMILIES = ["llama", "llama_gqa", "mistral", "qwen2", "qwen3", "opt", "phi", "gpt_neox", "mamba", "mamba2",
             "llama3", "gemma2", "gemma3_text", "phi3", "phi3_mha", "olmo2"]

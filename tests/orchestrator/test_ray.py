@@ -4,9 +4,9 @@ import pytest
 import ray
 import torch
 
-from orchestrator.ray_chain import RayChain
-from orchestrator.run import execute, session_for
-from orchestrator.shard import Shard
+from orchestrator.chain.actors import RayChain
+from orchestrator.pruning.job import execute, session_for
+from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
 
 pytestmark = pytest.mark.ray
@@ -93,7 +93,7 @@ class _Killer(RayChain):
 
 
 def test_killed_actor_mid_search_gives_the_same_result(ray_local, reference, tiny_dirs, shared_data, tmp_path, monkeypatch):
-    monkeypatch.setattr("orchestrator.ray_chain.RayChain", _Killer)
+    monkeypatch.setattr("orchestrator.chain.actors.RayChain", _Killer)
     run, weights, recoveries = _run(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path, executor="ray", shards=2),
                                     tmp_path)
     assert recoveries >= 1
@@ -126,7 +126,7 @@ class _KillUpstreamInEval(RayChain):
 
 
 def test_lost_upstream_output_is_recomputed(ray_local, reference, tiny_dirs, shared_data, tmp_path, monkeypatch):
-    monkeypatch.setattr("orchestrator.ray_chain.RayChain", _KillUpstreamInEval)
+    monkeypatch.setattr("orchestrator.chain.actors.RayChain", _KillUpstreamInEval)
     run, weights, recoveries = _run(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path / "out", executor="ray",
                                           shards=2), tmp_path / "out", resume_dir=tmp_path / "partial")
     assert recoveries >= 1
@@ -135,7 +135,7 @@ def test_lost_upstream_output_is_recomputed(ray_local, reference, tiny_dirs, sha
 
 
 def test_restart_after_prune_restores_the_checkpoint(ray_local, reference, tiny_dirs, shared_data, tmp_path, monkeypatch):
-    monkeypatch.setattr("orchestrator.ray_chain.RayChain", _KillAfterPrune)
+    monkeypatch.setattr("orchestrator.chain.actors.RayChain", _KillAfterPrune)
     resume = tmp_path / "partial"
     run, weights, recoveries = _run(_spec(tiny_dirs["llama_gqa"], shared_data, tmp_path / "out", executor="ray",
                                           shards=2), tmp_path / "out", resume_dir=resume)
@@ -151,7 +151,7 @@ def test_offloaded_ray_shards_equal_the_in_process_run_and_run_json_counts_moves
     and once for the evaluation pass."""
     from safetensors.torch import load_file
 
-    from orchestrator.run import prune
+    from orchestrator.pruning.job import prune
 
     out = tmp_path / "run"
     run = prune(_spec(tiny_dirs["llama_gqa"], shared_data, out, executor="ray", shards=2, offload="cpu"), store=False)
@@ -219,9 +219,9 @@ def test_evaluation_shards_balance_the_head_and_equal_one_shard(ray_local, smoll
     than a pruning session's split gives it, and the perplexity is the in-process one's."""
     from conftest import make_tiny_checkpoint
 
-    import orchestrator.eval_run as eval_run
-    from orchestrator.eval_run import evaluate_model
-    from orchestrator.session import open_session, planned_shards
+    import orchestrator.evaluation.jobs as eval_run
+    from orchestrator.evaluation.jobs import evaluate_model
+    from orchestrator.chain.session import open_session, planned_shards
 
     model = make_tiny_checkpoint("llama_gqa", tmp_path / "six", tokenizer=smollm2_tokenizer, num_hidden_layers=6)
     opened = []

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from orchestrator.run import execute, session_for
-from orchestrator.shard import Shard
+from orchestrator.pruning.job import execute, session_for
+from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
 
 pytestmark = pytest.mark.slow

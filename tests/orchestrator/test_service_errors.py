@@ -87,7 +87,7 @@ def test_ray_address_from_the_environment_is_named(tmp_path, tiny_dirs, shared_d
 
 def test_the_default_wait_is_bounded(monkeypatch):
     """Without the test's short wait, an address where nothing listens answers within a minute."""
-    from orchestrator.ray_chain import RAY_WAIT_S, RayUnavailable, check_address
+    from orchestrator.chain.ray_runtime import RAY_WAIT_S, RayUnavailable, check_address
 
     monkeypatch.delenv("NEUROAL_RAY_WAIT_S", raising=False)
     assert 5 <= RAY_WAIT_S <= 30
@@ -264,16 +264,23 @@ def _wait_gone(pid: int, timeout_s: float = 30) -> None:
 def test_a_shard_restarted_where_the_bucket_is_gone_is_one_error_not_retries(s3, tiny_dirs, monkeypatch):
     """The recovery path: Ray restarts a killed shard, whose constructor can no longer reach `--out`; the
     chain raises that StorageAccessError once (no waiting for restarts that cannot help)."""
+    from orchestrator.chain.ray_runtime import ray_instance
+
+    _, client = s3
+    _with_credentials(monkeypatch)  # before Ray starts: its workers inherit them
+    with ray_instance(None, 2):
+        _lost_actor_cannot_reach_storage(client, tiny_dirs)
+
+
+def _lost_actor_cannot_reach_storage(client, tiny_dirs):
     import ray
 
     from neuroal.errors import StorageAccessError
     from orchestrator.planning import ShardSpec
-    from orchestrator.ray_chain import RayChain
-    from orchestrator.shard import Shard
+    from orchestrator.chain.actors import RayChain
+    from orchestrator.chain.shard import Shard
 
-    _, client = s3
-    _with_credentials(monkeypatch)  # before Ray starts: its workers inherit them
-    chain = RayChain(tiny_dirs["llama"], [ShardSpec(0, 1, 0, 3, True, True)], device="cpu", num_cpus=2,
+    chain = RayChain(tiny_dirs["llama"], [ShardSpec(0, 1, 0, 3, True, True)], device="cpu",
                      resume_dir=f"s3://{BUCKET}/run/_partial-k", recover_timeout_s=120)
     try:
         assert chain.get(chain.call(0, Shard.get_shapes))

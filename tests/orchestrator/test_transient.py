@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orchestrator.evaluation import TransientError, transient
+from orchestrator.chain.ray_runtime import TransientError, transient
 from orchestrator.grid import eval_cell
 
 
@@ -16,7 +16,7 @@ def test_an_evaluation_that_runs_out_of_memory_raises_the_retried_error(tmp_path
     def oom(*_a, **_k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("orchestrator.evaluation.zeroshot", oom)
+    monkeypatch.setattr("orchestrator.evaluation.zeroshot.zeroshot", oom)
     with pytest.raises(TransientError, match="out of memory evaluating arc_easy"):
         eval_cell(str(tmp_path), "zeroshot", "arc_easy", 32, None, None, 4)
 
@@ -43,14 +43,14 @@ def test_ray_retries_an_out_of_memory_cell_and_the_store_records_one_that_stays_
     every attempt is another worker); retried up to `max_retries`, it either completes or is recorded
     in the store as a transient failure that was retried."""
     import orchestrator.grid as grid
-    from orchestrator.store import read_store
+    from orchestrator.results.store import read_store
 
     attempts, real = tmp_path / "attempts", grid.prune_cell
 
     def flaky(spec_json, data_dir):  # pickled by value into each Ray worker
         from pathlib import Path
 
-        from orchestrator.evaluation import TransientError
+        from orchestrator.chain.ray_runtime import TransientError
 
         path = Path(attempts)
         n = int(path.read_text()) if path.exists() else 0

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from neuroal.data import in_validation, load_documents
 from orchestrator.cli import app
-from orchestrator.run import prune
+from orchestrator.pruning.job import prune
 from orchestrator.spec import build_spec
 
 
@@ -61,7 +61,7 @@ def test_an_oversized_request_exits_2_with_nothing_written(nsamples, seqlen, why
 def test_block_sparsity_plot_draws_the_chosen_allocation_and_uniform(tiny_dirs, shared_data, tmp_path, monkeypatch):
     import matplotlib
 
-    from orchestrator import plots
+    from orchestrator.results import plots
 
     seen = []
     real_savefig = matplotlib.figure.Figure.savefig
@@ -76,8 +76,8 @@ def test_block_sparsity_plot_draws_the_chosen_allocation_and_uniform(tiny_dirs, 
 
 
 def test_a_rerun_with_a_new_eval_computes_only_the_new_metric(tiny_dirs, shared_data, tmp_path, monkeypatch):
-    from orchestrator import evaluation
-    from orchestrator.store import read_store
+    from orchestrator.evaluation import perplexity as evaluation
+    from orchestrator.results.store import read_store
 
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     first = prune(_spec(tmp_path, tiny_dirs["llama"], shared_data, eval="wikitext2", eval_windows=2))
@@ -97,7 +97,7 @@ def test_a_rerun_with_a_new_eval_computes_only_the_new_metric(tiny_dirs, shared_
 
 
 def test_neuroal_eval_on_a_run_folder_and_on_a_plain_checkpoint(tiny_dirs, shared_data, tmp_path, monkeypatch):
-    from orchestrator.store import read_store
+    from orchestrator.results.store import read_store
 
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     run = prune(_spec(tmp_path, tiny_dirs["llama"], shared_data))

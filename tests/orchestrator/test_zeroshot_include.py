@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from conftest import make_tiny_checkpoint
 from neuroal.data import DATA_VERSION
-from orchestrator import evaluation
+from orchestrator.evaluation import zeroshot as evaluation
+from orchestrator.results import evaluations as records
 from orchestrator.cli import app
 from orchestrator.spec import eval_key
-from orchestrator.store import append_rows, existing_keys, read_store
+from orchestrator.results.store import append_rows, existing_keys, read_store
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -122,7 +123,7 @@ def test_a_group_reports_its_aggregate_and_its_subtasks_as_stock(tiny, user_task
     assert ("colours_and_sums", "acc") in ours and ("colours_mc", "acc_norm") in ours
     assert ours == _stock(tiny, user_tasks, ["colours_and_sums"], limit=8)
     assert {r["eval_key"] for r in read_store(store).table.to_pylist()} == {  # one key: the request
-        evaluation.zeroshot_key("colours_and_sums", 8, include=evaluation.task_folder(str(user_tasks)),
+        records.zeroshot_key("colours_and_sums", 8, include=evaluation.task_folder(str(user_tasks)),
                                 dtype="float32")}
 
 
@@ -174,9 +175,9 @@ def test_default_zeroshot_keys_are_unchanged_and_shots_and_definitions_join_them
     assert eval_key("zeroshot", "arc_easy", limit=100) == old.hexdigest()[:16]  # stores keep their keys
     folder = evaluation.task_folder(str(user_tasks))
     row = {"task": "arc_easy", "metric": "acc", "value": 0.5, "stderr": 0.1, "n_docs": 100}
-    assert evaluation.keyed_zeroshot([row], 100, include=folder)[0]["eval_key"] == old.hexdigest()[:16]
-    assert evaluation.zeroshot_key("arc_easy", 100, num_fewshot=2) != old.hexdigest()[:16]
-    own = evaluation.zeroshot_key("colours_mc", None, include=folder)
+    assert records.keyed_zeroshot([row], 100, include=folder)[0]["eval_key"] == old.hexdigest()[:16]
+    assert records.zeroshot_key("arc_easy", 100, num_fewshot=2) != old.hexdigest()[:16]
+    own = records.zeroshot_key("colours_mc", None, include=folder)
     assert own != eval_key("zeroshot", "colours_mc")  # the definitions it came from are part of it
 
 
@@ -184,13 +185,13 @@ def test_missing_asks_again_only_for_what_was_made_differently(user_tasks):
     folder = evaluation.task_folder(str(user_tasks))
     rows = [{"task": "colours_mc", "metric": "acc", "value": 0.5, "stderr": 0.1, "n_docs": 20,
              "request": "colours_and_sums"}]
-    keyed = evaluation.keyed_zeroshot(rows, None, include=folder)
-    run = {"evaluations": evaluation.zeroshot_entries(keyed, None)}
+    keyed = records.keyed_zeroshot(rows, None, include=folder)
+    run = {"evaluations": records.zeroshot_entries(keyed, None)}
     kw = dict(perplexity_sets=(), seqlen=32, windows=None, limit=None, include=folder)
-    assert evaluation.missing(run, zeroshot_tasks=["colours_and_sums"], **kw) == ([], [])  # found by its key
-    assert evaluation.missing(run, zeroshot_tasks=["colours_and_sums"], num_fewshot=1, **kw) == ([], ["colours_and_sums"])
+    assert records.missing(run, zeroshot_tasks=["colours_and_sums"], **kw) == ([], [])  # found by its key
+    assert records.missing(run, zeroshot_tasks=["colours_and_sums"], num_fewshot=1, **kw) == ([], ["colours_and_sums"])
     edited = dataclasses.replace(folder, digest="0" * 16)
-    assert evaluation.missing(run, zeroshot_tasks=["colours_and_sums"], **dict(kw, include=edited))[1] == ["colours_and_sums"]
+    assert records.missing(run, zeroshot_tasks=["colours_and_sums"], **dict(kw, include=edited))[1] == ["colours_and_sums"]
 
 
 def test_the_users_definitions_travel_to_a_process_that_cannot_read_them(user_tasks):
@@ -230,7 +231,7 @@ def test_a_grid_takes_the_users_tasks_and_knows_when_tasks_without_acc_are_done(
 
 
 def test_the_report_shows_tasks_without_acc_under_lm_evals_metric_names(tmp_path):
-    from orchestrator.report import build_report
+    from orchestrator.results.report import build_report
 
     base = {"run_id": "r", "cell_key": "k", "eval_key": "e", "model": "m", "method": "wanda", "top_up": "uniform",
             "sparsity": 0.5, "pattern": "unstructured", "seed": 0, "calibration": "c4", "seqlen": 32,
@@ -251,7 +252,7 @@ def test_the_report_shows_tasks_without_acc_under_lm_evals_metric_names(tmp_path
 
 def test_a_prune_evaluates_the_users_task_once_per_way_of_asking(tiny, user_tasks, shared_data, tmp_path, monkeypatch,
                                                                 offline):
-    from orchestrator.run import prune
+    from orchestrator.pruning.job import prune
     from orchestrator.spec import build_spec
 
     def spec(**kw):
@@ -278,7 +279,7 @@ def test_a_grid_cell_evaluates_the_users_task_with_its_key(tiny, user_tasks, off
 
     folder = evaluation.task_folder(str(user_tasks))
     rows = eval_cell(str(tiny), "zeroshot", "sums_gen", 32, None, None, 4, 1, folder)
-    assert {r["eval_key"] for r in rows} == {evaluation.zeroshot_key("sums_gen", 4, num_fewshot=1, include=folder,
+    assert {r["eval_key"] for r in rows} == {records.zeroshot_key("sums_gen", 4, num_fewshot=1, include=folder,
                                                                      dtype="float32")}
     assert {r["metric"] for r in rows} >= {"exact_match,strict-match", "exact_match,flexible-extract"}
 

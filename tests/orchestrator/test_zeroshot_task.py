@@ -9,9 +9,9 @@ import threading
 import pytest
 import ray
 
-from orchestrator.evaluation import torch_threads_of_task, zeroshot_resources
-from orchestrator.placement import Placement
-from orchestrator.run import prune
+from orchestrator.evaluation.zeroshot import torch_threads_of_task, zeroshot_resources
+from orchestrator.chain.placement import Placement
+from orchestrator.pruning.job import prune
 from orchestrator.spec import build_spec
 
 pytestmark = pytest.mark.ray
@@ -49,7 +49,7 @@ def test_zeroshot_gets_the_gpu_its_shard_held(one_gpu_node, tiny_dirs, shared_da
 
 def test_zeroshot_alone_opens_no_shards(one_gpu_node, tiny_dirs, shared_data, monkeypatch):
     """`neuroal eval --zeroshot` without perplexity: the task loads the model; no actor loads it first."""
-    import orchestrator.eval_run as eval_run
+    import orchestrator.evaluation.jobs as eval_run
 
     def refuse(*_a, **_k):
         raise AssertionError("shard actors opened for a zero-shot-only evaluation")
@@ -83,7 +83,7 @@ def test_the_users_tasks_run_in_the_ray_task_from_the_copy_sent_with_it(one_gpu_
     that does not exist) runs the YAMLs and hooks sent with the task, and gets what the driver gets."""
     import dataclasses
 
-    from orchestrator import evaluation
+    from orchestrator.evaluation import zeroshot as evaluation
 
     folder = evaluation.task_folder(str(user_tasks))
     elsewhere = dataclasses.replace(folder, path="/nonexistent/tasks")

@@ -1,14 +1,14 @@
 """A model opened as a chain of shards (in-process, or Ray actors), and what the driver knows of it.
 
-The same `Session` drives one in-process shard (`LocalChain`) or N actors (`RayChain`); functions
-here take the parameters they use, the `PruneSpec` stays at the edge (`orchestrator.run`).
+The same `Session` drives one in-process shard (`LocalChain`) or N actors (`RayChain`) through the
+`Chain` interface; `--executor` and `--offload` are read once, in `open_session`. Functions here take
+the parameters they use, the `PruneSpec` stays at the edge (`orchestrator.pruning.job`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +21,11 @@ from neuroal.families import Family, family_for
 from neuroal.fileio import cache_root
 from neuroal.methods import Pattern
 from neuroal.models import check_checkpoint, load_config, load_tokenizer, resolve_model
-from orchestrator.pipeline import LocalChain
+from orchestrator.chain.executors import Executor, executor_for
+from orchestrator.chain.interface import Chain
 from orchestrator.planning import ShardSpec, parse_bytes, plan_shards
-from orchestrator.planning.offloaded import OFFLOAD_MODES
-from orchestrator.shard import Shard
+from orchestrator.planning.offloaded import resident_or_offloaded
+from orchestrator.chain.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +65,21 @@ def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, meth
                            stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples,
                            head_runs=head_runs).shard_specs()
 
-    if offload in OFFLOAD_MODES:
-        return plan(2**60), offload, f"--offload {offload}"
-    if not gpu_mem:
-        return plan(2**60), "none", ""
-    try:
-        return plan(parse_bytes(gpu_mem)), "none", ""
-    except SpecError as exc:
-        if offload != "auto":
-            raise
-        why = f"the blocks do not fit --gpu-mem {gpu_mem} ({exc}): offloaded to host memory, one block at a time"
+    resident, mode, why = resident_or_offloaded(offload, lambda: plan(parse_bytes(gpu_mem) if gpu_mem else 2**60))
+    if mode is None:
+        return resident, "none", ""
+    if offload == "auto":
+        why = f"the blocks do not fit --gpu-mem {gpu_mem} ({why}): offloaded to host memory, one block at a time"
         logger.warning("%s", why)
-        return plan(2**60), "cpu", why
+    return plan(2**60), mode, why
+
+
+@dataclass(frozen=True)
+class Offload:
+    """The shards' blocks live in host memory ("cpu") or on disk ("disk") and take turns on the device."""
+
+    mode: str
+    why: str
 
 
 @dataclass
@@ -84,11 +88,10 @@ class Session:
     config: object
     family: Family
     shard_specs: list[ShardSpec]
-    chain: object
+    chain: Chain
     shapes: dict[str, tuple[int, int]]
-    started_ray: bool = False  # this session started the embedded Ray instance and stops it
-    offload: str = "none"  # "cpu"/"disk": the shards' blocks take turns on the device (passes go block-major)
-    offload_reason: str = ""
+    executor: Executor
+    offload: Offload | None = None  # offloaded shards (their chain takes passes block-major)
     token_cache: dict = field(default_factory=dict)  # evaluation token streams, tokenized once
     kwargs_ready: set[int] = field(default_factory=set)
     released_reports: list | None = None  # the shards' reports, kept when their actors were released
@@ -111,10 +114,6 @@ class Session:
     @property
     def n_blocks(self) -> int:
         return self.shard_specs[-1].end_block
-
-    @property
-    def parallel(self) -> bool:
-        return getattr(self.chain, "parallel", False)
 
     def ensure_kwargs(self, seqlen: int) -> None:
         """Capture the block kwargs for `seqlen` on the first shard and hand them to every shard."""
@@ -142,22 +141,17 @@ class Session:
 
     def release_devices(self) -> None:
         """Free the shard actors' GPUs and CPUs for a Ray task that needs them (zero-shot, which loads
-        the saved checkpoint itself), keeping their reports: the chain takes no calls after this.
-        Nothing to free for in-process shards."""
-        release = getattr(self.chain, "release", None)
-        if release is None or self.released_reports is not None:
+        the saved checkpoint itself), keeping their reports: the chain takes no calls after this."""
+        if self.released_reports is not None:
             return
         self.released_reports = self.shard_reports()
-        release()
+        self.chain.release()
 
     def close(self) -> None:
-        close = getattr(self.chain, "close", None)
-        if close:
-            close()
-        if self.started_ray:
-            import ray
-
-            ray.shutdown()
+        try:
+            self.chain.close()
+        finally:
+            self.executor.stop()
 
 
 def open_session(
@@ -193,77 +187,33 @@ def open_session(
     family = family_for(config)
     check_positions(config, seqlen)
     check_checkpoint(model_dir, config)  # damaged or incomplete weights: one line, before any shard starts
-    started_ray = False
-    if executor != "local":
-        from orchestrator.ray_chain import ensure_ray
-
-        started_ray = ensure_ray(address, os.cpu_count())
+    runner = executor_for(executor, address)
+    runner.start()
     try:
-        return _open(model, model_dir, config, family, executor=executor, shards=shards, dtype=dtype, device=device,
-                     address=address, gpu_mem=gpu_mem, offload=offload, method=method, stream_windows=stream_windows,
-                     seqlen=seqlen, nsamples=nsamples, shard_specs=shard_specs, resume_dir=resume_dir,
-                     started_ray=started_ray, head_runs=head_runs)
+        kind = runner.device_kind(device)
+        plan_dtype = dtype_name(resolve_dtype(dtype, torch.device(kind)))
+        planned, mode, why = planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=plan_dtype, method=method,
+                                            stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples,
+                                            offload=offload, head_runs=head_runs)
+        offloaded = None if mode == "none" else Offload(mode, why)
+        place = dict(offload=mode, budget=parse_bytes(gpu_mem) if gpu_mem else None)
+        # shards resolve the model themselves: a hub id, a URI or the default fetches/converts per node
+        model_ref = model if not Path(model).expanduser().exists() else model_dir
+        chain, shapes, computes_in = runner.open_chain(model_ref, shard_specs or planned, dtype=dtype, device=device,
+                                                       resume_dir=resume_dir, shard_options=place,
+                                                       block_major=offloaded is not None)
     except BaseException:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        runner.stop()
         raise
-
-
-def compute_kind(device: str, executor: str) -> str:
-    """"cuda" or "cpu": what the shards will compute on (for the plan's dtype and micro-batches)."""
-    if executor == "local":
-        return resolve_device(device).type
-    import ray
-
-    from orchestrator.placement import wants_gpus
-
-    return "cuda" if wants_gpus(device, ray.cluster_resources().get("GPU", 0)) else "cpu"
+    return Session(model_dir, config, family, shard_specs or planned, chain, shapes, runner, offload=offloaded,
+                   dtype=computes_in)
 
 
 def compute_dtype(dtype: str, device: str, executor: str, address: str | None) -> str:
     """The dtype a session would compute in: `--dtype`, or what "auto" resolves to on the devices the
     shards get (a named cluster is asked; in process and the embedded instance are this machine).
     Known before any shard opens, so an evaluation already recorded in it is not made again."""
-    if dtype != "auto":
-        return dtype
-    if executor != "local" and address:
-        from orchestrator.ray_chain import ensure_ray
-
-        ensure_ray(address)
-        kind = compute_kind(device, executor)
-    else:
-        kind = resolve_device(device).type
-    return dtype_name(resolve_dtype(dtype, torch.device(kind)))
-
-
-def _open(model, model_dir, config, family, *, executor, shards, dtype, device, address, gpu_mem, offload, method,
-          stream_windows, seqlen, nsamples, shard_specs, resume_dir, started_ray, head_runs=False) -> Session:
-    kind = compute_kind(device, executor)
-    plan_dtype = dtype_name(resolve_dtype(dtype, torch.device(kind)))
-    planned, mode, why = planned_shards(config, shards=shards, gpu_mem=gpu_mem, dtype=plan_dtype, method=method,
-                                        stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples,
-                                        offload=offload, head_runs=head_runs)
-    shard_specs = shard_specs or planned
-    budget = parse_bytes(gpu_mem) if gpu_mem else None
-    place = dict(offload=mode, budget=budget)
-    # shards resolve the model themselves: a hub id, a URI or the default fetches/converts per node
-    model_ref = model if not Path(model).expanduser().exists() else model_dir
-    if executor == "local":
-        held = [Shard(model_ref, s, dtype=dtype, device=device, resume_dir=resume_dir, **place) for s in shard_specs]
-        chain = LocalChain(held)
-        shapes = held[0].shapes
-        computes_in = dtype_name(held[0].dtype)
-    else:
-        from orchestrator.ray_chain import RayChain
-
-        chain = RayChain(model_ref, shard_specs, dtype=dtype, device=device, address=address, resume_dir=resume_dir,
-                         shard_options=place)
-        shapes = chain.get(chain.call(0, Shard.get_shapes))
-        computes_in = chain.get(chain.call(0, Shard.report))["dtype"]  # a GPU Ray declares without CUDA: fp32
-    return Session(model_dir, config, family, shard_specs, chain, shapes,
-                   started_ray=started_ray, offload=mode, offload_reason=why, dtype=computes_in)
+    return executor_for(executor, address).compute_dtype(dtype, device)
 
 
 def check_pattern(shapes: dict[str, tuple[int, int]], pattern: Pattern | None, text: str) -> None:

@@ -17,10 +17,10 @@ from collections.abc import Callable, Mapping
 
 from neuroal.allocation import Allocator, CandidateScore, Evidence
 from neuroal.block import PruneOptions
-from orchestrator.pipeline import StreamOutcome, block_major, priority_order, race_streams, run_stream
-from orchestrator.session import Session
-from orchestrator.shard import Shard
-from orchestrator.tasks import Dense, Score
+from orchestrator.chain.streams import run_stream
+from orchestrator.chain.session import Session
+from orchestrator.chain.shard import Shard
+from orchestrator.chain.passes import Dense, Score
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +50,21 @@ def _weights(allocator, session: Session, calib, opts, **_):
 
 
 class StreamScorer:
-    """Scores candidate allocations: one stream of the search windows per candidate, raced.
+    """Scores candidate allocations: one stream of the search windows per candidate.
 
-    Candidates race through the chain `max_in_flight` at a time (every shard busy on Ray), and
-    with `early_stop` a candidate whose running sum exceeds the best finished total is stopped
-    (exact: `pipeline.race_streams`). When the shards are offloaded all candidates go block-major
-    instead (`pipeline.block_major`): each block moves to the device once per step, the early stop
-    is given up (every candidate is scored to the end), the scores and the choice are the same.
+    The chain takes the streams as it takes many (`Chain.score_streams`): raced, every shard busy on
+    Ray, and with `early_stop` a candidate whose running sum exceeds the best finished total is
+    stopped (exact: `streams.race_streams`); offloaded shards take them block-major instead (each block
+    moves to the device once per step, every candidate scored to the end; same scores and choice).
+    `block_major` overrides the chain's choice (benchmarks).
     """
 
     def __init__(self, session: Session, windows, opts: PruneOptions, *, early_stop: bool = True,
                  on_candidate: Callable | None = None, block_major: bool | None = None):
         self.session, self.windows, self.opts, self.early_stop = session, windows, opts, early_stop
-        self.block_major = session.offload != "none" if block_major is None else block_major
+        self.block_major = block_major
         self.hidden = session.embed(windows)
         self._reversed = None
-        self.max_in_flight = session.chain.n_shards + 1 if session.parallel else 1
         self.on_candidate = on_candidate or (lambda step, key, score: None)
 
     def __call__(self, step: str, candidates: Mapping, *, first, want_alignment: bool, reverse: bool = False) -> dict:
@@ -83,17 +82,10 @@ class StreamScorer:
                 alignment = {b: rec.alignment for run in o.records for b, rec in run.records.items()}
             return CandidateScore(o.total, o.partial, alignment)
 
-        if self.block_major:  # each offloaded block moves once per step
-            keys = list(candidates)
-            _, records = block_major(self.session.chain, lambda i: [task_for(k, i, float("inf")) for k in keys], hidden)
-            outcomes = {k: StreamOutcome(k, rec[-1].partial, rec[-1].partial, rec) for k, rec in zip(keys, records)}
-            if not reverse:
-                for k in keys:
-                    self.on_candidate(step, k, score(outcomes[k]))
-        else:
-            outcomes = race_streams(self.session.chain, priority_order(list(candidates), first), task_for, hidden,
-                                    max_in_flight=self.max_in_flight, early_stop=self.early_stop and not reverse,
-                                    on_done=None if reverse else lambda key, o: self.on_candidate(step, key, score(o)))
+        outcomes = self.session.chain.score_streams(
+            candidates, task_for, hidden, first=first, early_stop=self.early_stop and not reverse,
+            on_done=None if reverse else lambda key, o: self.on_candidate(step, key, score(o)),
+            block_major_passes=self.block_major)
         return {key: score(outcomes[key]) for key in candidates}
 
 

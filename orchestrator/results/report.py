@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from neuroal.errors import NeuroalError  # noqa: E402
-from orchestrator.store import read_store  # noqa: E402
+from orchestrator.results.store import read_store  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

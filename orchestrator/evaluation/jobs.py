@@ -1,4 +1,5 @@
-"""Evaluate without pruning: a finished run that lacks requested metrics, or any model (`neuroal eval`).
+"""Evaluation jobs: an open session's model (`evaluate`, after a prune), a finished run that lacks requested
+metrics, or any model (`neuroal eval`).
 
 A pruned model's identity (`cell_key`) and an evaluation's (`eval_key`) are separate keys, so a prune
 rerun whose evaluation request differs keeps the pruned checkpoint and computes only what is missing,
@@ -15,12 +16,47 @@ import time
 from neuroal import fileio
 from neuroal.data import DATA_VERSION, resolve_data_dir
 from neuroal.zeroshot import TaskFolder
-from orchestrator import evaluation
-from orchestrator.outputs import RUN_JSON, read_run, to_json
-from orchestrator.session import compute_dtype, open_session
+from orchestrator.chain.session import Session, compute_dtype, open_session
+from orchestrator.evaluation import perplexity, zeroshot
+from orchestrator.results.evaluations import keyed_zeroshot, merge, missing, perplexity_entry, zeroshot_entries
+from orchestrator.evaluation.zeroshot import task_folder
+from orchestrator.results.run_folder import RUN_JSON, read_run, to_json
 from orchestrator.spec import GRID_VERSION, dense_key
 
 logger = logging.getLogger(__name__)
+
+
+def evaluate(session: Session, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None = None,
+             zeroshot_tasks=(), limit: int | None = None, data_dir=None, timings: dict | None = None,
+             num_fewshot: int = 0, include: TaskFolder | None = None) -> dict:
+    """Perplexities through the session's shards and zero-shot tasks on the checkpoint at `location`.
+
+    Returns {"perplexity": {name: value}, "eval_data": {name: info}, "zeroshot": [rows],
+    "evaluations": [entries]}, each result carrying its `eval_key` and protocol, so a store never mixes
+    evaluations made differently. Zero-shot comes last: on Ray it releases the shard actors
+    (`zeroshot_where_the_gpus_are`).
+    """
+    from orchestrator.spec import eval_key
+
+    timings = {} if timings is None else timings
+    out = {"perplexity": {}, "eval_data": {}, "zeroshot": [], "evaluations": []}
+    t = time.perf_counter()
+    for name in perplexity_sets:
+        value, info = perplexity.perplexity(session, name, seqlen, data_dir, max_windows=windows)
+        out["perplexity"][name] = value
+        out["eval_data"][name] = dict(info, seqlen=seqlen, dtype=session.dtype,
+                                      eval_key=eval_key("perplexity", name, seqlen=seqlen, windows=windows,
+                                                        dtype=session.dtype))
+        out["evaluations"].append(perplexity_entry(name, value, out["eval_data"][name]))
+    timings["eval"] = timings.get("eval", 0.0) + time.perf_counter() - t
+    if zeroshot_tasks:
+        t = time.perf_counter()
+        rows = zeroshot.zeroshot_where_the_gpus_are(session, location, list(zeroshot_tasks), data_dir, limit,
+                                                   num_fewshot=num_fewshot, include=include, dtype=session.dtype)
+        out["zeroshot"] = keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
+        out["evaluations"] += zeroshot_entries(out["zeroshot"], limit, num_fewshot=num_fewshot)
+        timings["zeroshot"] = timings.get("zeroshot", 0.0) + time.perf_counter() - t
+    return out
 
 
 def open_evaluation_session(location: str, *, executor: str, shards: int, dtype: str, device: str,
@@ -40,19 +76,19 @@ def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_
         session = open_evaluation_session(location, executor=executor, shards=shards, dtype=dtype, device=device,
                                           address=address, seqlen=seqlen)
         try:
-            return evaluation.evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
+            return evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
                                      windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=data_dir,
                                      timings=timings, num_fewshot=num_fewshot, include=include)
         finally:
             session.close()
     t = time.perf_counter()
-    rows = evaluation.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
+    rows = zeroshot.zeroshot_without_shards(location, list(zeroshot_tasks), data_dir, limit, executor=executor,
                                             shards=shards, device=device, address=address, num_fewshot=num_fewshot,
                                             include=include, dtype=dtype)
     timings["zeroshot"] = time.perf_counter() - t
-    keyed = evaluation.keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
+    keyed = keyed_zeroshot(rows, limit, num_fewshot=num_fewshot, include=include)
     return {"perplexity": {}, "eval_data": {}, "zeroshot": keyed,
-            "evaluations": evaluation.zeroshot_entries(keyed, limit, num_fewshot=num_fewshot)}
+            "evaluations": zeroshot_entries(keyed, limit, num_fewshot=num_fewshot)}
 
 
 def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen: int, windows: int | None,
@@ -61,9 +97,9 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
                          address: str | None = None, num_fewshot: int = 0,
                          zeroshot_include: str | None = None) -> tuple[dict, bool]:
     """`run` (the run.json at `location`) with the requested evaluations it lacks; (run, changed)."""
-    include = evaluation.task_folder(zeroshot_include) if zeroshot_tasks else None
+    include = task_folder(zeroshot_include) if zeroshot_tasks else None
     want = compute_dtype(dtype, device, executor, address)  # an fp32 request is not answered by a bf16 record
-    ppl, zs = evaluation.missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
+    ppl, zs = missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
                                zeroshot_tasks=zeroshot_tasks, limit=limit, num_fewshot=num_fewshot, include=include,
                                dtype=want)
     if not ppl and not zs:
@@ -73,7 +109,7 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
     new = _evaluate(location, perplexity_sets=ppl, seqlen=seqlen, windows=windows, zeroshot_tasks=zs, limit=limit,
                     data_dir=resolve_data_dir(data_dir), timings=timings, executor=executor, shards=shards,
                     dtype=dtype, device=device, address=address, num_fewshot=num_fewshot, include=include)
-    merged = evaluation.merge(run, new)
+    merged = merge(run, new)
     merged["timings_s"] = {**run.get("timings_s", {}), **{f"re{k}": round(v, 3) for k, v in timings.items()}}
     fileio.write_text(fileio.join(location, RUN_JSON), to_json(merged))
     return merged, True
@@ -106,6 +142,6 @@ def evaluate_model(model: str, *, perplexity_sets=(), seqlen: int = 2048, window
     new = _evaluate(model, perplexity_sets=list(perplexity_sets), seqlen=seqlen, windows=windows,
                     zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=resolve_data_dir(data_dir), timings=timings,
                     executor=executor, shards=shards, dtype=dtype, device=device, address=address,
-                    num_fewshot=num_fewshot, include=evaluation.task_folder(zeroshot_include) if zeroshot_tasks else None)
+                    num_fewshot=num_fewshot, include=task_folder(zeroshot_include) if zeroshot_tasks else None)
     timings["total"] = time.perf_counter() - t
-    return {**evaluation.merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    return {**merge(dense, new), "timings_s": {k: round(v, 3) for k, v in timings.items()}}

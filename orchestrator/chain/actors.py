@@ -1,8 +1,7 @@
 """The chain of shards as Ray actors: one actor per shard, one accelerator each where there are GPUs.
 
-Without an address (`--address` / `RAY_ADDRESS`) a local Ray instance starts inside this process
-(dashboard on 127.0.0.1 only; Ray's token authentication stays as Ray configures it). Actors are
-placed by `orchestrator.placement` (a GPU each where the cluster has GPUs, consecutive shards packed
+Ray runs already (`orchestrator.chain.ray_runtime`, started by the session's executor). Actors are
+placed by `orchestrator.chain.placement` (a GPU each where the cluster has GPUs, consecutive shards packed
 on one node) and are restarted by Ray if they die (`max_restarts`); the driver replays what was in
 flight.
 """
@@ -11,108 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 import uuid
 import weakref
 from pathlib import Path
 
-from neuroal.errors import NeuroalError, SpecError, StorageAccessError
-from orchestrator.pipeline import num_returns
-from orchestrator.placement import PlacementError, place_shards
-from orchestrator.shard import ShardStateLost
+from neuroal.errors import NeuroalError, StorageAccessError
+from orchestrator.chain.interface import Chain
+from orchestrator.chain.streams import num_returns
+from orchestrator.chain.placement import PlacementError, place_shards
+from orchestrator.chain.shard import ShardStateLost
 
 logger = logging.getLogger(__name__)
-
-RAY_WAIT_ENV = "NEUROAL_RAY_WAIT_S"  # how long a Ray address may take to answer (default 15 s)
-RAY_WAIT_S = 15.0
-
-
-class RayUnavailable(NeuroalError):
-    """`--address` (or $RAY_ADDRESS) names a Ray cluster that does not answer, or no cluster at all."""
-
-
-def _named(address: str) -> str:
-    """The address as the user gave it, saying so when it came from $RAY_ADDRESS."""
-    return f"{address} (from $RAY_ADDRESS)" if os.environ.get("RAY_ADDRESS") == address else address
-
-
-def _instead(address: str) -> str:
-    unset = " and unset RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else ""
-    return f"or leave out --address{unset} to run on a local Ray instance"
-
-
-def check_address(address: str, wait_s: float | None = None) -> None:
-    """Wait, at most `wait_s` ($NEUROAL_RAY_WAIT_S, default 15 s), until something listens at a Ray address.
-
-    `ray.init` on an address where nothing listens retries for many minutes; a TCP connect says in
-    seconds. `auto` and addresses with another scheme are left to Ray.
-
-    Raises:
-        RayUnavailable: nothing answers at `address`, or it is a dashboard (http://) address.
-        SpecError: `address` is not host:port.
-    """
-    text = address.strip()
-    if text.startswith(("http://", "https://")):
-        raise RayUnavailable(
-            f"--address: {_named(text)} is a dashboard (job submission) address, not a cluster's; give the head's "
-            f"address (host:6379, or ray://host:10001), or run the command on the cluster with "
-            f"`ray job submit --address {text} -- neuroal ...`, {_instead(text)}")
-    client = text.startswith("ray://")
-    inner = text.removeprefix("ray://")
-    if text == "auto" or "://" in inner:
-        return
-    host, _, port_text = inner.rpartition(":")
-    host = host.strip("[]")  # [::1]:6379
-    if not host or not port_text.isdigit():
-        raise SpecError("--address", text, "host:port of the head (e.g. 10.0.0.1:6379), ray://host:10001, or auto")
-    port = int(port_text)
-    wait_s = float(os.environ.get(RAY_WAIT_ENV, RAY_WAIT_S)) if wait_s is None else wait_s
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=max(0.5, min(3.0, deadline - time.monotonic()))):
-                return
-        except socket.gaierror:
-            why = f"unknown host {host!r}"
-        except ConnectionRefusedError:
-            why = "connection refused"
-        except OSError as exc:
-            why = exc.strerror or type(exc).__name__
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(1.0)
-    start = "`ray start --head`" if client or port == 6379 else f"`ray start --head --port {port}`"
-    raise RayUnavailable(f"--address: no Ray cluster answers at {_named(text)} ({why}; waited {wait_s:g} s); "
-                         f"start one there with {start}, {_instead(text)}")
-
-
-def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to `address`, or start an embedded instance; True if this call started one.
-
-    An embedded instance is always new (`address="local"`): never a stray cluster that happens to
-    run on the machine. Nothing happens if Ray is already initialised in this process.
-
-    Raises:
-        RayUnavailable: no Ray cluster answers at `address` (within `check_address`'s wait).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        check_address(address)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, ValueError) as exc:  # "auto" with no cluster, an address Ray cannot parse
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RayUnavailable(f"--address: cannot connect to Ray at {_named(address)}: {first}; start a cluster "
-                                 f"with `ray start --head`, {_instead(address)}") from exc
-        return False
-    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
-             include_dashboard=False, logging_level=logging.WARNING)
-    return True
-
 
 def _progress_sink_class():
     import ray
@@ -151,7 +60,7 @@ def _storage_checks(model: str, resume_dir: str | None) -> None:
 def _shard_actor_class():
     import ray
 
-    from orchestrator.shard import Shard
+    from orchestrator.chain.shard import Shard
 
     class ShardActor(Shard):
         """The plain Shard, with torch threads matched to the actor's CPU share; it reports each block.
@@ -237,7 +146,7 @@ class Handle:
         self.ref, self.call, self.index, self.siblings = ref, call, index, None
 
 
-class RayChain:
+class RayChain(Chain):
     """Shards as Ray actors; calls return handles and never block.
 
     Fault tolerance: actors restart (`max_restarts`), on another node if theirs was lost, and
@@ -247,6 +156,7 @@ class RayChain:
     (`configure` calls: block kwargs), and resubmits the call; the driver sees the same result.
     """
 
+    in_process = False
     parallel = True
 
     def __init__(
@@ -256,18 +166,17 @@ class RayChain:
         *,
         dtype: str = "auto",
         device: str = "auto",
-        address: str | None = None,
         max_restarts: int = 3,
-        num_cpus: int | None = None,
         resume_dir: str | Path | None = None,
         recover_timeout_s: float = 600.0,
         shard_options: dict | None = None,
+        block_major: bool = False,
     ):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self._started = ensure_ray(address, num_cpus or os.cpu_count())
+        self.block_major = block_major
         self.specs = list(shard_specs)
         self.n_shards = len(self.specs)
         self.max_restarts = max_restarts
@@ -484,8 +393,4 @@ class RayChain:
         self.actors, self.pgs, self.sink = [], [], None
 
     def close(self) -> None:
-        import ray
-
         self.release()
-        if self._started:
-            ray.shutdown()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,6 @@ import torch
 
 from neuroal import fileio
 from neuroal.errors import NeuroalError
-from orchestrator.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -120,44 +120,14 @@ class RunOutput:
                 fileio.put_file(p, fileio.join(location, p.name))
 
 
-PULL_CHUNK = 64 * 2**20
+def local_checkpoint(location: str) -> tuple[Path, object]:
+    """A local folder holding the checkpoint at `location` (downloaded when it is a URI), and a cleanup."""
+    if not fileio.is_uri(location):
+        from neuroal.models import resolve_model
 
-
-def _pull_file(chain, shard: int, part: dict, folder: Path) -> None:
-    """Copy the file a shard saved on its node into `folder`, a chunk at a time (atomically)."""
-    with fileio.atomic_path(folder / part["file"]) as tmp, open(tmp, "wb") as f:
-        for offset in range(0, part["bytes"], PULL_CHUNK):
-            f.write(chain.get(chain.call(shard, Shard.read_bytes, part["local"], offset, PULL_CHUNK)))
-    chain.get(chain.call(shard, Shard.drop_file, part["local"]))
-
-
-def save_checkpoint(session, location: str, *, direct: bool) -> None:
-    """The pruned checkpoint in Hugging Face layout: shards' tensors, then config, tokenizer, index.
-
-    Args:
-        direct: shards write their file to `location` themselves (a URI, or a local folder of an
-            in-process run); otherwise each returns its file and this process writes it.
-    """
-    chain = session.chain
-    handles = [chain.call(i, Shard.save, location if direct else None) for i in range(chain.n_shards)]
-    maps, total = [], 0
-    for shard, h in enumerate(handles):
-        part = chain.get(h)
-        if part["local"] is not None:
-            _pull_file(chain, shard, part, Path(location))
-        maps.append(part["weight_map"])
-        total += part["bytes"]
-    stored = chain.get(chain.call(0, Shard.report))["dtype"]
-    for name in _COPY:
-        src = session.model_dir / name
-        if name == "config.json":  # say the dtype the weights are stored in, not the source's
-            config = json.loads(src.read_text())
-            for key in ("dtype", "torch_dtype"):
-                if key in config or key == "dtype":
-                    config[key] = stored
-            fileio.write_text(fileio.join(location, name), json.dumps(config, indent=2) + "\n")
-        elif src.exists():
-            fileio.put_file(src, fileio.join(location, name))
-    weight_map = {k: v for m in maps for k, v in m.items()}
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    fileio.write_text(fileio.join(location, INDEX), json.dumps(index, indent=2))  # last: the checkpoint's manifest
+        return (Path(location) if Path(location).exists() else resolve_model(location)), None
+    tmp = tempfile.TemporaryDirectory(prefix="neuroal-ckpt-")
+    for name in fileio.listdir(location):
+        if not name.startswith("_") and "." in name:
+            fileio.get_file(fileio.join(location, name), Path(tmp.name) / name)
+    return Path(tmp.name), tmp

@@ -71,7 +71,7 @@ class RunRecord(Mapping):
         """The record of a run.json (a dict, or a record already)."""
         if isinstance(run, RunRecord):
             return run
-        from orchestrator.evaluation import recorded
+        from orchestrator.results.evaluations import recorded
 
         data = json.loads(_dumps(dict(run)))  # JSON values only (numpy scalars and arrays become numbers, lists)
         return cls(
@@ -116,7 +116,7 @@ class RunRecord(Mapping):
         """The pruned checkpoint as a transformers model (`AutoModelForCausalLM.from_pretrained`)."""
         from transformers import AutoModelForCausalLM
 
-        from orchestrator.evaluation import local_checkpoint
+        from orchestrator.results.run_folder import local_checkpoint
 
         if self.out is None:
             raise ValueError("this record has no run folder (a model evaluated in place): load the model itself")
@@ -139,6 +139,6 @@ class RunRecord(Mapping):
 
 
 def _dumps(run: dict) -> str:
-    from orchestrator.outputs import to_json
+    from orchestrator.results.run_folder import to_json
 
     return to_json(run)

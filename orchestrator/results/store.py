@@ -146,7 +146,7 @@ def append_rows(folder: str | Path, rows: list[dict]) -> int:
 def run_rows(run, *, run_id: str | None = None) -> list[dict]:
     """Rows of one run (its record, or run.json): sparsity, and every evaluation on record with its
     protocol (dense perplexities as their own metric)."""
-    from orchestrator.record import RunRecord
+    from orchestrator.results.record import RunRecord
 
     rec = RunRecord.from_json(run)
     spec, data = rec.spec, rec.data

@@ -1,14 +1,8 @@
-"""Push streams through a chain of shards, in-process or on Ray, with the same driver code.
+"""The ways streams go through a chain of shards (`orchestrator.chain.Chain`), the same driver code
+in-process and on Ray: one stream in order, several block-major, or many raced with an exact early stop.
+Which one a pass uses is the chain's choice (`Chain.score_streams`, `Chain.nll_sum`).
 
-A chain calls a `Shard` method by reference on shard i and returns a handle: `chain.call(i,
-Shard.embed, ids)`. Handles of one shard's output are passed straight to the next shard (on Ray, as
-object refs: hidden states go actor to actor, never through the driver). A method marked
-`two_results` returns two handles (hidden states, record). `chain.configure(...)` is a call that
-sets actor state: the one kind of call a chain replays on a restarted actor (the replay policy).
-`LocalChain` runs calls at once in this process; `RayChain` (orchestrator.ray_chain) submits them
-to actors, so K streams in flight keep every shard busy.
-
->>> from orchestrator.pipeline import LocalChain
+>>> from orchestrator.chain.local import LocalChain
 >>> class Echo:  # any object with Shard's method names
 ...     def run(self, task, x, partial): return x + 1, {"seen": x}
 >>> chain = LocalChain([Echo(), Echo()])
@@ -22,65 +16,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from orchestrator.shard import Shard
+from orchestrator.chain.shard import Shard
 
 logger = logging.getLogger(__name__)
 
 
 def num_returns(method: Callable) -> int:
     return getattr(method, "num_returns", 1)
-
-
-class Chain(Protocol):
-    n_shards: int
-
-    def call(self, shard: int, method: Callable, *args) -> Any: ...
-
-    def configure(self, shard: int, method: Callable, *args) -> Any: ...
-
-    def wait(self, handles: Sequence[Any]) -> list[Any]: ...
-
-    def get(self, handle: Any) -> Any: ...
-
-
-@dataclass
-class Done:
-    """A finished in-process call (the local chain's handle)."""
-
-    value: Any
-
-
-class LocalChain:
-    """Shards held in this process; every call runs to completion when submitted."""
-
-    parallel = False
-
-    def __init__(self, shards: Sequence[Any]):
-        self.shards = list(shards)
-        self.n_shards = len(self.shards)
-
-    @staticmethod
-    def _resolve(args):
-        return [a.value if isinstance(a, Done) else a for a in args]
-
-    def call(self, shard: int, method: Callable, *args):
-        out = getattr(self.shards[shard], method.__name__)(*self._resolve(args))
-        return tuple(Done(v) for v in out) if num_returns(method) > 1 else Done(out)
-
-    configure = call  # in-process shards never restart: nothing to replay
-
-    def set_progress(self, callback) -> None:
-        """Call `callback(kind, block)` for every block a shard finishes."""
-        for shard in self.shards:
-            shard.on_block = callback
-
-    def wait(self, handles):
-        return list(handles)
-
-    def get(self, handle):
-        return handle.value if isinstance(handle, Done) else handle
 
 
 def run_stream(chain, task, hidden) -> tuple[Any, list]:

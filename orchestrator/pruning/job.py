@@ -32,15 +32,18 @@ from neuroal.models import load_config, load_tokenizer, resolve_model
 from neuroal.plugins import plugin_names
 from neuroal.refiners import REFINERS
 from neuroal.stats import ExpertRule
-from orchestrator import evaluation
-from orchestrator.evidence import collect
-from orchestrator.pipeline import run_stream
-from orchestrator.record import RunRecord
-from orchestrator.resume import restore_allocation, save_allocation
-from orchestrator.session import Session, check_pattern, check_positions, open_session
-from orchestrator.outputs import RunOutput, save_checkpoint
+from orchestrator.chain.executors import executor_for
+from orchestrator.chain.session import Session, check_pattern, check_positions, open_session
+from orchestrator.chain.streams import run_stream
+from orchestrator.evaluation.jobs import complete_evaluations, evaluate
+from orchestrator.evaluation.zeroshot import task_folder
+from orchestrator.pruning.evidence import collect
+from orchestrator.pruning.resume import restore_allocation, save_allocation
+from orchestrator.results.record import RunRecord
+from orchestrator.pruning.checkpoint import save_checkpoint
+from orchestrator.results.run_folder import RunOutput
 from orchestrator.spec import GRID_VERSION, PruneSpec
-from orchestrator.tasks import Prune
+from orchestrator.chain.passes import Prune
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def session_for(spec: PruneSpec, *, resume_dir: Path | None = None) -> Session:
     try:
         check_pattern(session.shapes, parse_pattern(spec.pattern), spec.pattern)
         plugins = plugin_names(spec.method, spec.top_up)
-        if plugins and hasattr(session.chain, "check_plugins"):  # shard actors: each imports them where it runs
+        if plugins:  # shard actors: each imports them where it runs
             session.chain.check_plugins(plugins)
     except NeuroalError:
         session.close()
@@ -96,7 +99,7 @@ def check_memory(spec: PruneSpec, config) -> None:
     Checked where that memory is this machine's (in process, or an embedded Ray instance); on a cluster
     the actors' nodes hold it.
     """
-    if spec.executor == "ray" and spec.address:
+    if not executor_for(spec.executor, spec.address).memory_is_here:
         return
     import psutil
 
@@ -124,14 +127,11 @@ def check_services(spec: PruneSpec, store: bool | str | Path = True) -> None:
     """
     fileio.check_folder(spec.out or spec.default_out(), "--out")
     if store is not False:
-        from orchestrator.store import store_dir
+        from orchestrator.results.store import store_dir
 
         fileio.check_folder(store_dir(None if store is True else store), "--store")
     fileio.check_access(spec.model, "--model")
-    if spec.executor == "ray" and spec.address:
-        from orchestrator.ray_chain import check_address
-
-        check_address(spec.address)
+    executor_for(spec.executor, spec.address).check_reachable()
 
 
 def preflight(spec: PruneSpec) -> tuple[torch.Tensor, str]:
@@ -207,7 +207,7 @@ def versions() -> dict:
 
 
 def _restore_or_allocate(spec, session, calib, opts, progress, resume_dir: str | None) -> Allocation:
-    """The allocation saved by an interrupted attempt (`orchestrator.resume`), or a new one, then saved."""
+    """The allocation saved by an interrupted attempt (`orchestrator.pruning.resume`), or a new one, then saved."""
     if resume_dir is not None:
         alloc = restore_allocation(str(resume_dir), spec.cell_key(), session.n_blocks, session.family.linears)
         if alloc is not None:
@@ -250,16 +250,16 @@ def execute(spec: PruneSpec, out_dir: str | Path, *, session: Session | None = N
             timings[phase] = time.perf_counter() - t0
 
     def evals(location=None, zeroshot=(), times=None):
-        return evaluation.evaluate(session, location, perplexity_sets=spec.eval, seqlen=spec.seqlen,
-                                 windows=spec.eval_windows, zeroshot_tasks=zeroshot, limit=spec.zeroshot_limit,
-                                 data_dir=data_dir, timings=times, num_fewshot=spec.num_fewshot,
-                                 include=evaluation.task_folder(spec.zeroshot_include) if zeroshot else None)
+        return evaluate(session, location, perplexity_sets=spec.eval, seqlen=spec.seqlen, windows=spec.eval_windows,
+                        zeroshot_tasks=zeroshot, limit=spec.zeroshot_limit, data_dir=data_dir, timings=times,
+                        num_fewshot=spec.num_fewshot,
+                        include=task_folder(spec.zeroshot_include) if zeroshot else None)
 
     ppl_dense = timed("eval_dense", evals)["perplexity"] if spec.eval_dense else {}
     alloc = timed("allocation", _restore_or_allocate, spec, session, calib, opts, progress, resume_dir)
     timings.update(alloc.extra.pop("timings_s", {}))
     records = timed("prune", final_prune, session, calib, alloc.ratios, opts)
-    direct = fileio.is_uri(out_dir) or not session.parallel  # else a Ray actor may be on another machine
+    direct = fileio.is_uri(out_dir) or session.chain.in_process  # else a Ray actor may be on another machine
     timed("save", save_checkpoint, session, str(out_dir), direct=direct)
     progress("phase", name="eval")
     results = evals(str(out_dir), spec.zeroshot, timings)
@@ -318,8 +318,6 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
     output = RunOutput(spec.out or spec.default_out(), spec.cell_key())
     previous = output.previous()
     if previous is not None and not overwrite:
-        from orchestrator.eval_run import complete_evaluations
-
         progress("resumed", out=output.out)
         run, changed = complete_evaluations(previous, output.out, perplexity_sets=spec.eval, seqlen=spec.seqlen,
                                             windows=spec.eval_windows, zeroshot_tasks=spec.zeroshot,
@@ -329,7 +327,7 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
                                             zeroshot_include=spec.zeroshot_include)
         record = RunRecord.from_json(run)
         if changed and store is not False:
-            from orchestrator.store import append_run_rows
+            from orchestrator.results.store import append_run_rows
 
             append_run_rows(record, None if store is True else store)
         return record
@@ -344,13 +342,13 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
                           calibration=calibration)
             run["out"] = output.out
             run["shard_reports"] = session.shard_reports()
-            run["recoveries"] = getattr(session.chain, "recoveries", 0)  # actors restarted and replayed
-            if session.offload != "none":
-                run["offload"] = {"mode": session.offload, "why": session.offload_reason,
+            run["recoveries"] = session.chain.recoveries  # actors restarted and replayed
+            if session.offload is not None:
+                run["offload"] = {"mode": session.offload.mode, "why": session.offload.why,
                                   "shards": [r["offload"] for r in run["shard_reports"]]}
             record = RunRecord.from_json(run)
             with tempfile.TemporaryDirectory() as tmp:
-                from orchestrator.plots import run_plots
+                from orchestrator.results.plots import run_plots
 
                 run_plots(record, Path(tmp))
                 output.put_local_folder(Path(tmp), location)
@@ -358,7 +356,7 @@ def prune(spec: PruneSpec, *, overwrite: bool = False, store: bool | str | Path 
     finally:
         session.close()
     if store is not False:
-        from orchestrator.store import append_run_rows
+        from orchestrator.results.store import append_run_rows
 
         append_run_rows(record, None if store is True else store)
     return record

@@ -1,10 +1,10 @@
 """A shard: a contiguous range of decoder blocks (plus embeddings / head at the ends) on one device.
 
 `Shard` is a plain class, testable without Ray; the in-process run holds one (or several) of them
-directly and the Ray path wraps the same class with `ray.remote` (`ray_chain.py`). It loads only
+directly and the Ray path wraps the same class with `ray.remote` (`orchestrator.chain.actors`). It loads only
 its own tensors, by name, from the safetensors checkpoint; all math is `neuroal.block`, driven per
-block by a stream task (`orchestrator.tasks`). The driver calls its methods by reference
-(`chain.call(i, Shard.embed, ids)`); everything they return is host data (`orchestrator.wire`).
+block by a stream task (`orchestrator.chain.passes`). The driver calls its methods by reference
+(`chain.call(i, Shard.embed, ids)`); everything they return is host data (`orchestrator.chain.wire`).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from neuroal.models import (
     weight_fetcher,
 )
 from neuroal.prunable import block_linears, linear_shapes
-from orchestrator.offload import BlockResidency
+from orchestrator.chain.offload import BlockResidency
 from orchestrator.planning import ShardSpec
-from orchestrator.tasks import ShardRun, StreamTask
-from orchestrator.wire import from_wire, pack, to_host, to_wire, unpack
+from orchestrator.chain.passes import ShardRun, StreamTask
+from orchestrator.chain.wire import from_wire, pack, to_host, to_wire, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,12 @@ class Shard:
                 params[name].copy_(t.to(params[name].dtype))
         logger.info("shard %d: restored pruned blocks from %s", self.spec.index, self.resume_path)
         return True
+
+    def finish_pruning(self) -> None:
+        """The final pass went through every block: checkpoint them once, and never prune them again."""
+        if not self.pruned:
+            self.write_checkpoint()
+            self.pruned = True
 
     def write_checkpoint(self) -> None:
         """Keep this shard's pruned blocks where a restarted actor or a rerun finds them."""

@@ -106,6 +106,4 @@ class Prune(StreamTask):
         return hidden
 
     def finish(self, shard) -> None:
-        if not shard.pruned:
-            shard.write_checkpoint()
-            shard.pruned = True
+        shard.finish_pruning()

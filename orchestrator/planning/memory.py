@@ -136,7 +136,7 @@ def estimate_activation(
 
     It is an estimate: the caller leaves a `headroom` fraction of each accelerator unplanned
     (default 10%) for the CUDA context (~0.5–1 GB), caching-allocator fragmentation, NCCL buffers
-    and the estimate's own error (not yet measured on a GPU; `tests/orchestrator/test_real_model.py`
+    and the estimate's own error (not yet measured on a GPU; `tests/orchestrator/pruning/test_real_model.py`
     compares it with the actors' measured peak on CPU).
 
     Returns:

@@ -47,7 +47,7 @@ def test_every_method_prunes_and_reloads(family, top_up, tiny_dirs, shared_data,
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_ria_and_d2prune_on_every_family(family, tiny_dirs, shared_data, tmp_path, monkeypatch):
     """The two newer methods on every family of the tiny matrix, with one top-up (their other top-ups and
-    N:M run on Llama in test_prune_e2e): the target is reached, the checkpoint reloads and runs."""
+    N:M run on Llama in pruning/test_job.py): the target is reached, the checkpoint reloads and runs."""
     monkeypatch.setenv("NEUROAL_STORE", str(tmp_path / "store"))
     for method in ("ria", "d2prune"):
         out = tmp_path / method

@@ -14,7 +14,7 @@ from orchestrator.planning import estimate_activation, measure_model
 from orchestrator.planning.cost import ASSUMED_TFLOPS, block_forward_flops, projected_passes
 from orchestrator.planning.memory import logits_bytes
 from orchestrator.planning.offloaded import SEARCH_STREAMS, plan_offloaded
-from tests.orchestrator.test_plan import LLAMA2_70B
+from tests.orchestrator.planning.test_plan import LLAMA2_70B
 
 GB = 10**9
 

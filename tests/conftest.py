@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,41 @@ def smollm2_dir():
     from neuroal.models import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+def pruned_weights(fields: dict, out) -> tuple[dict, dict]:
+    """Prune `fields` (`build_spec`'s keywords) into `out`: (the run.json content, every block's weights)."""
+    from orchestrator.chain.shard import Shard
+    from orchestrator.pruning.job import execute, session_for
+    from orchestrator.spec import build_spec
+
+    spec = build_spec(**fields)
+    session = session_for(spec)
+    try:
+        run = execute(spec, out, session=session)
+        weights = {}
+        for i in range(session.chain.n_shards):
+            weights.update(session.chain.get(session.chain.call(i, Shard.block_weights)))
+    finally:
+        session.close()
+    return run, weights
+
+
+@dataclass
+class Reference:
+    spec: dict  # build_spec's keywords
+    run: dict
+    weights: dict
+
+
+@pytest.fixture(scope="session")
+def smollm2_wanda_neuroal(smollm2_dir, shared_data, tmp_path_factory) -> Reference:
+    """Wanda + NeuroAL (both steps) at 70% on the real model, in process on one shard: the reference that
+    the 2-Ray-shard run (test_real_model) and the offloaded run (test_offload) must equal, computed once."""
+    out = tmp_path_factory.mktemp("smollm2-wanda-neuroal")
+    spec = dict(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=32, nsamples=8,
+                executor="local", data_dir=str(shared_data), eval="wikitext2", eval_windows=8, out=str(out))
+    return Reference(spec, *pruned_weights(spec, out / "run"))
 
 
 # ----------------------------------------------------------------------------- a user's own lm-eval tasks

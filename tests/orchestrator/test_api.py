@@ -39,6 +39,12 @@ def test_the_readme_python_example_runs_as_written(smollm2_dir, shared_data, tmp
     assert zeros > 0
     out = capsys.readouterr().out
     assert "seqlen 64, 4 of" in out and "'first_block': 0" in out
+    # the NeuroAL search on the real model (this block's prune; it was a test of its own)
+    assert run.lambda_block in [p["lambda"] for p in run.lambda_curves["block"]]
+    # SmolLM2 uses grouped-query attention: q, k, v keep their block ratio in the row step
+    assert any("self_attn.k_proj keeps its block ratio" in n for n in run.notes)
+    planned = run["block_sparsity_planned"]
+    assert planned[0] < 0.7 < planned[-1]  # sparsity rises with depth
 
 
 def test_api_errors_are_the_clis_one_line_errors(tmp_path):

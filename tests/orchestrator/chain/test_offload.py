@@ -14,8 +14,8 @@ BUDGET = "150MB"  # SmolLM2 is 538 MB in fp32; its embeddings (113 MB) plus one 
 
 
 def _run(shared_data, out, **kw):
-    spec = build_spec(model="smollm2-135m", sparsity=0.6, seqlen=32, nsamples=8, executor="local",
-                      data_dir=str(shared_data), eval="wikitext2", eval_windows=8, out=str(out), **kw)
+    spec = build_spec(**{**dict(model="smollm2-135m", sparsity=0.7, seqlen=32, nsamples=8, executor="local",
+                                data_dir=str(shared_data), eval="wikitext2", eval_windows=8), **kw, "out": str(out)})
     session = session_for(spec)
     try:
         run = execute(spec, out, session=session)
@@ -27,9 +27,14 @@ def _run(shared_data, out, **kw):
 
 
 @pytest.mark.parametrize("method,top_up", [("wanda", "neuroal"), ("sparsegpt", "uniform")])
-def test_offloaded_equals_resident(method, top_up, shared_data, tmp_path):
-    ref, ref_w, _, _ = _run(shared_data, tmp_path / "ref", method=method, top_up=top_up)
-    run, w, report, session = _run(shared_data, tmp_path / "off", method=method, top_up=top_up, gpu_mem=BUDGET)
+def test_offloaded_equals_resident(method, top_up, shared_data, tmp_path, request):
+    if top_up == "neuroal":  # the resident run is the session's reference (conftest)
+        reference = request.getfixturevalue("smollm2_wanda_neuroal")
+        ref, ref_w, fields = reference.run, reference.weights, reference.spec
+    else:
+        fields = dict(method=method, top_up=top_up)
+        ref, ref_w, _, _ = _run(shared_data, tmp_path / "ref", **fields)
+    run, w, report, session = _run(shared_data, tmp_path / "off", **fields, gpu_mem=BUDGET)
     assert session.offload.mode == "cpu" and "do not fit --gpu-mem 150MB" in session.offload.why
     assert (run["lambda_block"], run["lambda_row"]) == (ref["lambda_block"], ref["lambda_row"])
     assert run["lambda_curves"] and all(p["complete"] for pts in run["lambda_curves"].values() for p in pts) \

@@ -45,44 +45,22 @@ def test_wanda_and_sparsegpt_beat_magnitude_at_50(smollm2_50):
     assert dense < ppl["wanda"] < ppl["magnitude"]
 
 
-def test_neuroal_search_on_the_real_model(shared_data, tmp_path):
-    run = _run(tmp_path, shared_data, method="wanda", top_up="neuroal", sparsity=0.7, seqlen=64, nsamples=8,
-               eval_windows=16)
-    print("\nNeuroAL on SmolLM2 (seqlen 64):", run["lambda_block"], run["lambda_row"], run["perplexity"],
-          run["timings_s"])
-    assert run["lambda_block"] in [p["lambda"] for p in run["lambda_curves"]["block"]]
-    assert run["lambda_row"] is not None
-    # SmolLM2 uses grouped-query attention: q, k, v keep their block ratio in the row step
-    assert any("self_attn.k_proj keeps its block ratio" in n for n in run["notes"])
-    assert run["sparsity_actual"] == pytest.approx(0.7, abs=0.01)
-    planned = run["block_sparsity_planned"]
-    assert planned[0] < 0.7 < planned[-1]  # sparsity rises with depth
-
-
 @pytest.mark.ray
-def test_two_ray_shards_equal_one_process_on_smollm2(shared_data, tmp_path):
+def test_two_ray_shards_equal_one_process_on_smollm2(smollm2_wanda_neuroal, shared_data, tmp_path):
+    """The NeuroAL search and the prune over 2 Ray shards equal one in-process shard (`smollm2_wanda_neuroal`)."""
     import ray
 
-    def masks(executor, shards):
-        spec = build_spec(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=32,
-                          nsamples=8, executor=executor, shards=shards, data_dir=str(shared_data), out=str(tmp_path))
-        session = session_for(spec)
-        try:
-            run = execute(spec, tmp_path / f"{executor}{shards}", session=session)
-            w = {}
-            for i in range(session.chain.n_shards):
-                w.update(session.chain.get(session.chain.call(i, Shard.block_weights)))
-        finally:
-            session.close()
-        return run, w
+    from conftest import pruned_weights
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
-        run_r, w_r = masks("ray", 2)
+        run_r, w_r = pruned_weights(dict(smollm2_wanda_neuroal.spec, executor="ray", shards=2, out=str(tmp_path)),
+                                    tmp_path / "ray2")
     finally:
         ray.shutdown()
-    run_l, w_l = masks("local", 1)
+    run_l, w_l = smollm2_wanda_neuroal.run, smollm2_wanda_neuroal.weights
     assert (run_r["lambda_block"], run_r["lambda_row"]) == (run_l["lambda_block"], run_l["lambda_row"])
+    assert run_r["lambda_curves"] == run_l["lambda_curves"]
     assert all(torch.equal(w_r[b][n], w_l[b][n]) for b in w_l for n in w_l[b])
 
 
@@ -98,7 +76,7 @@ OBJECT_STORE = 100 * 2**20
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("shards", [1, 2, 3])
+@pytest.mark.parametrize("shards", [1, 3])  # 3: a first, a middle and a last shard
 def test_actor_memory_stays_within_the_plan(shards, shared_data, tmp_path):
     """Each actor's peak RSS over a bare worker's stays under the planner's prediction for its shard
     (weights + activations, `plan_shards` with this run's dtype, windows and micro-batches) plus a

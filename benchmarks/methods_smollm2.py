@@ -5,7 +5,7 @@ NeuroAL (N:M takes uniform only), on SmolLM2-135M: WikiText-2 perplexity and zer
 chosen λs. Prints a markdown table (the README's) and writes benchmarks/results/methods_smollm2.json.
 
     neuroal grid grids/methods-smollm2.yaml --store runs/methods-smollm2     # ~2 h on 2 cores
-    neuroal eval smollm2-135m --eval wikitext2 --seqlen 256 --eval-windows 64 --zeroshot arc_easy,boolq \
+    neuroal eval --model smollm2-135m --eval wikitext2 --seqlen 256 --eval-windows 64 --zeroshot arc_easy,boolq \
         --zeroshot-limit 200 --store runs/methods-smollm2                          # the dense row
     python benchmarks/methods_smollm2.py runs/methods-smollm2
 """

@@ -142,10 +142,9 @@ def plan(model: str = "smollm2-135m", *, gpus: int | None = None, gpu_mem: str =
         return plan_shards(cfg, n_actors=gpus, mem_per_actor=mem, dtype=dtype, method=method,
                            streams_in_flight=streams, seqlen=seqlen, nsamples=nsamples)
 
-    p, mode, why = resident_or_offloaded(offload, resident)
+    p, mode, reason = resident_or_offloaded(offload, resident, f"--gpu-mem {gpu_mem}")
     if mode is None:
         return PlanResult(payload=p.to_dict(), plan=p)
-    reason = f"offloaded: the blocks do not fit ({why})" if offload == "auto" else ""
     op = plan_offloaded(cfg, n_actors=gpus, mem_per_actor=mem, mode=mode, dtype=dtype, method=method,
                         nsamples=nsamples, seqlen=seqlen, reason=reason)
     passes = projected_passes(measure_model(cfg), dtype_bytes=DTYPE_BYTES[canonical_dtype(dtype)], seqlen=seqlen,

@@ -65,12 +65,11 @@ def planned_shards(config, *, shards: int, gpu_mem: str | None, dtype: str, meth
                            stream_windows=stream_windows, seqlen=seqlen, nsamples=nsamples,
                            head_runs=head_runs).shard_specs()
 
-    resident, mode, why = resident_or_offloaded(offload, lambda: plan(parse_bytes(gpu_mem) if gpu_mem else 2**60))
+    resident, mode, why = resident_or_offloaded(offload, lambda: plan(parse_bytes(gpu_mem) if gpu_mem else 2**60),
+                                                f"--gpu-mem {gpu_mem}")
     if mode is None:
         return resident, "none", ""
-    if offload == "auto":
-        why = f"the blocks do not fit --gpu-mem {gpu_mem} ({why}): offloaded to host memory, one block at a time"
-        logger.warning("%s", why)
+    logger.warning("%s", why)
     return plan(2**60), mode, why
 
 

@@ -34,22 +34,21 @@ SEARCH_STREAMS = 15
 T = TypeVar("T")
 
 
-def resident_or_offloaded(offload: str, resident: Callable[[], T]) -> tuple[T | None, str | None, str]:
+def resident_or_offloaded(offload: str, resident: Callable[[], T], budget: str) -> tuple[T | None, str | None, str]:
     """`--offload`'s one rule (prune, eval and plan): "cpu"/"disk" offload in any case; "none" and
-    "auto" take the resident plan (`resident()`, which raises SpecError when the blocks do not fit),
-    and "auto" falls back to host memory when it does not fit.
+    "auto" take the resident plan (`resident()`, which raises SpecError when the blocks do not fit
+    `budget`), and "auto" falls back to host memory when it does not fit.
 
     Returns:
-        (the resident plan or None, the offload mode or None, why it was offloaded: the flag, or
-        the reason the resident plan does not fit).
+        (the resident plan or None, the offload mode or None, why it is offloaded, in words).
 
-    >>> resident_or_offloaded("auto", lambda: "plan")
+    >>> resident_or_offloaded("auto", lambda: "plan", "--gpu-mem 80GB")
     ('plan', None, '')
-    >>> resident_or_offloaded("disk", lambda: "plan")
+    >>> resident_or_offloaded("disk", lambda: "plan", "--gpu-mem 80GB")
     (None, 'disk', '--offload disk')
-    >>> def too_big(): raise SpecError("--gpu-mem", "1GB", "more")
-    >>> resident_or_offloaded("auto", too_big)[1:]
-    ('cpu', "--gpu-mem: got '1GB'; allowed: more")
+    >>> def too_big(): raise SpecError("--shards", 1, "more")
+    >>> print(*resident_or_offloaded("auto", too_big, "--gpu-mem 1GB")[1:])
+    cpu the blocks do not fit --gpu-mem 1GB (--shards: got 1; allowed: more): offloaded to host memory, one block at a time
     """
     if offload in OFFLOAD_MODES:
         return None, offload, f"--offload {offload}"
@@ -58,7 +57,7 @@ def resident_or_offloaded(offload: str, resident: Callable[[], T]) -> tuple[T | 
     except SpecError as exc:
         if offload != "auto":
             raise
-        return None, "cpu", str(exc)
+        return None, "cpu", f"the blocks do not fit {budget} ({exc}): offloaded to host memory, one block at a time"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ chosen λs. Prints a markdown table (the README's) and writes benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path

@@ -23,6 +23,7 @@ from orchestrator.chain.shard import ShardStateLost
 
 logger = logging.getLogger(__name__)
 
+
 def _progress_sink_class():
     import ray
 

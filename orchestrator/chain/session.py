@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from neuroal.data import TokenCache, tokenizer_digest
-from neuroal.devices import dtype_name, resolve_device, resolve_dtype
+from neuroal.devices import dtype_name, resolve_dtype
 from neuroal.errors import SpecError
 from neuroal.families import Family, family_for
 from neuroal.fileio import cache_root

@@ -1,6 +1,6 @@
 """The real SmolLM2-135M on real text (CI runs these; sizes chosen to fit its time budget).
 
-Perplexities use WikiText-2 test at seqlen 256 over the first 32 windows (8,192 tokens), so they
+Perplexities use WikiText-2 test at seqlen 256 over the first 16 windows (4,096 tokens), so they
 are quick estimates, printed for the record; the protocol's full numbers are in the benchmarks.
 """
 
@@ -15,7 +15,7 @@ from orchestrator.spec import build_spec
 
 pytestmark = pytest.mark.slow
 
-SEQLEN, NSAMPLES, WINDOWS = 256, 32, 32
+SEQLEN, NSAMPLES, WINDOWS = 256, 16, 16
 
 
 def _run(tmp_path, shared_data, **kw):
@@ -38,7 +38,7 @@ def smollm2_50(shared_data, tmp_path_factory):
 def test_wanda_and_sparsegpt_beat_magnitude_at_50(smollm2_50):
     ppl = {m: r["perplexity"]["wikitext2"] for m, r in smollm2_50.items()}
     dense = smollm2_50["magnitude"]["perplexity_dense"]["wikitext2"]
-    print("\nSmolLM2-135M wikitext2 ppl (seqlen 256, 32 windows):", json.dumps({"dense": dense, **ppl}))
+    print("\nSmolLM2-135M wikitext2 ppl (seqlen 256, 16 windows):", json.dumps({"dense": dense, **ppl}))
     for r in smollm2_50.values():
         assert r["sparsity_actual"] == pytest.approx(0.5, abs=0.005)
     assert dense < ppl["sparsegpt"] < ppl["magnitude"]
@@ -60,7 +60,9 @@ def test_two_ray_shards_equal_one_process_on_smollm2(smollm2_wanda_neuroal, shar
         ray.shutdown()
     run_l, w_l = smollm2_wanda_neuroal.run, smollm2_wanda_neuroal.weights
     assert (run_r["lambda_block"], run_r["lambda_row"]) == (run_l["lambda_block"], run_l["lambda_row"])
-    assert run_r["lambda_curves"] == run_l["lambda_curves"]
+    for step, curve in run_r["lambda_curves"].items():  # racing shards stop losers at timing-dependent points
+        ref = {p["lambda"]: p["score"] for p in run_l["lambda_curves"][step] if p["complete"]}
+        assert all(ref[p["lambda"]] == p["score"] for p in curve if p["complete"] and p["lambda"] in ref)
     assert all(torch.equal(w_r[b][n], w_l[b][n]) for b in w_l for n in w_l[b])
 
 

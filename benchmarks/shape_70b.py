@@ -30,12 +30,16 @@ import argparse
 import contextlib
 import os
 import pickle
+import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 from _common import DATA_DIR, ROOT, in_child, machine, print_table, write_json
+
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import local_cluster  # noqa: E402 - the simulated cluster the tests use
 
 SHAPE = dict(vocab_size=128256, hidden_size=64, num_attention_heads=8, num_key_value_heads=1, intermediate_size=128)
 SPARSITY, NSAMPLES = 0.7, 8
@@ -62,28 +66,6 @@ def make_model(folder: Path, blocks: int) -> Path:
 def _make(folder: str, blocks: int) -> dict:
     make_model(Path(folder), blocks)
     return {}
-
-
-@contextlib.contextmanager
-def local_cluster(nodes: int, gpus_per_node: int):
-    """As the `cluster` fixture of tests/orchestrator/chain/test_cluster.py: all on 127.0.0.1, head 0 CPUs."""
-    import ray
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                       "include_dashboard": False})
-    for _ in range(nodes):
-        c.add_node(num_cpus=gpus_per_node, num_gpus=gpus_per_node, node_ip_address="127.0.0.1")
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="ERROR")
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 class Meter:
@@ -159,8 +141,9 @@ def run_config(model: str, executor: str, shards: int, seqlen: int, nodes: int, 
     if threads:
         torch.set_num_threads(threads)
     t_all = time.perf_counter()
-    cm = local_cluster(nodes, gpus_per_node) if executor == "ray" else contextlib.nullcontext()
-    with cm as cluster:
+    cm = local_cluster(nodes, cpus=gpus_per_node, gpus=gpus_per_node) if executor == "ray" else contextlib.nullcontext()
+    with cm as started:
+        cluster = started[0] if started else None
         Counting = counting(actors.RayChain if executor == "ray" else local.LocalChain)
         if executor == "ray":
             actors.RayChain = Counting

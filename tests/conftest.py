@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,41 @@ def smollm2_dir():
     from neuroal.models import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, cpus: int, gpus: int = 0, *, connect: bool = True, **head_args):
+    """A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head with no CPUs for
+    actors and `nodes` worker nodes of `cpus` CPUs and `gpus` declared GPUs each (placement is real,
+    compute falls back to CPU); `connect`: this process joins it as the driver. Yields (cluster, workers).
+
+    Every node on 127.0.0.1: Ray rewrites a loopback address to the machine's outward IP unless told the
+    cluster is local-only (its Windows/OSX switch), so that switch is set for this process and the node
+    processes it starts, and restored after.
+    """
+    import ray
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    old_env, old_flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
+                                                       "include_dashboard": False, **head_args})
+    try:
+        workers = [c.add_node(num_cpus=cpus, num_gpus=gpus, node_ip_address="127.0.0.1") for _ in range(nodes)]
+        c.wait_for_nodes()
+        if connect:
+            ray.init(address=c.address, logging_level="ERROR")
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = old_env
 
 
 def pruned_weights(fields: dict, out) -> tuple[dict, dict]:

@@ -18,6 +18,8 @@ import pytest
 import ray
 import torch
 
+from conftest import local_cluster
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,27 +55,10 @@ def s3(monkeypatch):
 @pytest.fixture
 def job_cluster():
     """A head with no CPUs for actors and a dashboard on 127.0.0.1, two workers declaring 2 GPUs each."""
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    old_env, old_flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep every address on 127.0.0.1 (see test_cluster)
-    ray_constants.ENABLE_RAY_CLUSTER = False
     dash = _free_port()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dash})
-    workers = [c.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
-    c.wait_for_nodes()
-    try:
+    with local_cluster(2, cpus=2, gpus=2, connect=False, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=dash) as (c, workers):
         yield c, workers, f"http://127.0.0.1:{dash}"
-    finally:
-        c.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = old_env
 
 
 def _ray(*args, env, timeout=60):

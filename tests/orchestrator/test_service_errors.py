@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 
+from conftest import local_cluster
+
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "neuroal-runs"
 CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
@@ -208,22 +210,9 @@ def test_storage_access_error_pickles():
 def cluster_without_credentials(s3, monkeypatch):
     """A head with no CPUs and a worker node started while the environment had no AWS credentials (so its
     workers have none); the test process, the driver, gets them afterwards."""
-    import ray
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every address on 127.0.0.1 (see test_cluster)
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                       "include_dashboard": False})
-    c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-    c.wait_for_nodes()
-    _with_credentials(monkeypatch)
-    try:
+    with local_cluster(1, cpus=2, connect=False) as (c, _):
+        _with_credentials(monkeypatch)
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.mark.ray

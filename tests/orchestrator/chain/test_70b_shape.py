@@ -20,7 +20,7 @@ from orchestrator.chain.shard import Shard
 from orchestrator.pruning.job import execute, session_for
 from orchestrator.spec import build_spec
 
-from conftest import make_tiny_checkpoint
+from conftest import local_cluster, make_tiny_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -39,33 +39,10 @@ def model_70b_shape(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def cluster_8_gpus():
-    """As `test_cluster.cluster`: every node on 127.0.0.1, the head with no CPUs; two worker nodes of 4
-    declared GPUs (and 4 CPUs, so a shard's bundle is 1 GPU + 1 CPU)."""
-    import os
-
-    import ray
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    old_env, old_flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                       "include_dashboard": False})
-    for _ in range(NODES):
-        c.add_node(num_cpus=GPUS_PER_NODE, num_gpus=GPUS_PER_NODE, node_ip_address="127.0.0.1")
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="ERROR")
-    try:
+    """As `test_cluster.cluster`: the head with no CPUs; two worker nodes of 4 declared GPUs (and 4 CPUs,
+    so a shard's bundle is 1 GPU + 1 CPU)."""
+    with local_cluster(NODES, cpus=GPUS_PER_NODE, gpus=GPUS_PER_NODE) as (c, _):
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = old_env
 
 
 def _run(model, shared_data, out, **kw):

@@ -6,7 +6,6 @@ host data."""
 import time
 
 import pytest
-import ray
 import torch
 
 from orchestrator.chain.actors import RayChain
@@ -15,38 +14,16 @@ from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
 from orchestrator.chain.wire import find_tensors
 
+from conftest import local_cluster
+
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Every node on 127.0.0.1. Ray rewrites a loopback address to the machine's outward IP unless told
-    the cluster is local-only (its Windows/OSX switch), so that switch is set for this process and the
-    node processes it starts."""
-    import os
-
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    old_env, old_flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                       "include_dashboard": False})
-    for _ in range(2):
-        c.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1")
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="ERROR")
-    try:
+    """Two worker nodes of 2 CPUs and 2 declared GPUs (`conftest.local_cluster`)."""
+    with local_cluster(2, cpus=2, gpus=2) as (c, _):
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = old_env
 
 
 class _Watched(RayChain):

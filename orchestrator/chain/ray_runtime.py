@@ -2,8 +2,9 @@
 
 Without an address (`--address` / `RAY_ADDRESS`) a local Ray instance starts inside this process
 (dashboard on 127.0.0.1 only; Ray's token authentication stays as Ray configures it). With one, the
-address is checked in seconds before Ray's own minutes of retries. `ray_instance` is the context
-every caller uses: whoever started the instance stops it, a joined cluster is left running.
+address is checked in seconds before Ray's own minutes of retries. Callers hold Ray for a block
+(`ray_instance`: a grid, zero-shot without shards) or for a session's life (`executors.RayExecutor`):
+whoever started the instance stops it, a joined cluster is left running.
 """
 
 from __future__ import annotations

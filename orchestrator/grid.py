@@ -36,8 +36,8 @@ from neuroal.errors import SpecError
 from neuroal.methods import METHODS, parse_pattern
 from neuroal.zeroshot import TaskFolder, check_tasks
 from orchestrator.chain.ray_runtime import TransientError, ray_instance, transient
-from orchestrator.results.evaluations import keyed_zeroshot, zeroshot_key
 from orchestrator.evaluation.zeroshot import task_folder
+from orchestrator.results.evaluations import keyed_zeroshot, zeroshot_key
 from orchestrator.spec import (GRID_VERSION, PruneSpec, build_spec, check_datasets, check_sparsity, first_error,
                                zeroshot_folder)
 

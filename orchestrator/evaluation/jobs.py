@@ -18,8 +18,8 @@ from neuroal.data import DATA_VERSION, resolve_data_dir
 from neuroal.zeroshot import TaskFolder
 from orchestrator.chain.session import Session, compute_dtype, open_session
 from orchestrator.evaluation import perplexity, zeroshot
-from orchestrator.results.evaluations import keyed_zeroshot, merge, missing, perplexity_entry, zeroshot_entries
 from orchestrator.evaluation.zeroshot import task_folder
+from orchestrator.results.evaluations import keyed_zeroshot, merge, missing, perplexity_entry, zeroshot_entries
 from orchestrator.results.run_folder import RUN_JSON, read_run, to_json
 from orchestrator.spec import GRID_VERSION, dense_key
 
@@ -76,9 +76,9 @@ def _evaluate(location: str, *, perplexity_sets, seqlen: int, windows, zeroshot_
         session = open_evaluation_session(location, executor=executor, shards=shards, dtype=dtype, device=device,
                                           address=address, seqlen=seqlen)
         try:
-            return evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen,
-                                     windows=windows, zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=data_dir,
-                                     timings=timings, num_fewshot=num_fewshot, include=include)
+            return evaluate(session, location, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
+                            zeroshot_tasks=zeroshot_tasks, limit=limit, data_dir=data_dir, timings=timings,
+                            num_fewshot=num_fewshot, include=include)
         finally:
             session.close()
     t = time.perf_counter()
@@ -100,8 +100,7 @@ def complete_evaluations(run: dict, location: str, *, perplexity_sets=(), seqlen
     include = task_folder(zeroshot_include) if zeroshot_tasks else None
     want = compute_dtype(dtype, device, executor, address)  # an fp32 request is not answered by a bf16 record
     ppl, zs = missing(run, perplexity_sets=perplexity_sets, seqlen=seqlen, windows=windows,
-                               zeroshot_tasks=zeroshot_tasks, limit=limit, num_fewshot=num_fewshot, include=include,
-                               dtype=want)
+                      zeroshot_tasks=zeroshot_tasks, limit=limit, num_fewshot=num_fewshot, include=include, dtype=want)
     if not ppl and not zs:
         return run, False
     logger.info("%s: computing %s (the pruned checkpoint is kept)", location, ", ".join(ppl + zs))

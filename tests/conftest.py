@@ -88,6 +88,7 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None,
 
 TIERS = Path(__file__).with_name("tiers.json")  # measured durations' verdict: tests/tier.py writes it
 REAL_MODEL_FIXTURES = {"smollm2_dir"}  # a test that converts the real model is slow whatever it measured
+SHARED_REFERENCES = {"smollm2_wanda_neuroal"}  # session fixtures too costly to compute on each worker
 
 
 def pytest_collection_modifyitems(config, items):
@@ -97,8 +98,11 @@ def pytest_collection_modifyitems(config, items):
 
     measured = set(json.loads(TIERS.read_text())["slow"]) if TIERS.exists() else set()
     for item in items:
-        if item.nodeid in measured or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.nodeid in measured or REAL_MODEL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        for name in SHARED_REFERENCES & fixtures:  # its users on one xdist worker: the reference is computed once
+            item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(scope="session")

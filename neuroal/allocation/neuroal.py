@@ -123,13 +123,23 @@ def curve(scores: Mapping[float, CandidateScore], lambdas: Sequence[float]) -> l
     return [{"lambda": lam, "score": scores[lam].partial, "complete": scores[lam].total is not None} for lam in lambdas]
 
 
+# How far float rounding alone moves the lead between two candidates, relative to the winner's score:
+# the same code and windows on another CPU, or in bfloat16, shift a pairwise lead by up to ~1.3%
+# (benchmarks/dtype_fidelity.py, Wanda 70% on SmolLM2: float32 vs bfloat16, the largest of 10 pairs
+# 1.30%, the median 0.5%; issue 26's two machines in float32: ~1.0%), while re-scoring in reverse window
+# order on one machine moved float32 scores by 0.00% there. A lead inside this floor is not trusted.
+ROUNDING_NOISE = 0.013
+
+
 @dataclass(frozen=True)
 class TieCheck:
     """How safe a step's choice is: the winner's lead over the runner-up vs the score's float noise.
 
-    `noise` is measured, not assumed: the best and the runner-up are scored again with the search
-    windows in reverse order (the same sums in another order), and the largest change of a score is
-    the noise. A lead inside it is a coin flip between the two λ (`near_tie`).
+    Two bounds, the larger is `noise`: `noise_reorder`, measured in this run (the best and the
+    runner-up scored again with the search windows in reverse order: the same sums in another order),
+    and `noise_rounding`, what other kernels or dtypes shift a lead by (`ROUNDING_NOISE` of the
+    winner's score, measured offline), which one machine's re-score cannot see. A lead inside the
+    noise (`near_tie`) is a coin flip between the two λ: another machine may pick the runner-up.
     """
 
     best: float
@@ -137,11 +147,14 @@ class TieCheck:
     margin: float | None  # runner-up − best (a lower bound when the runner-up was stopped early)
     noise: float | None
     near_tie: bool
+    noise_reorder: float | None = None
+    noise_rounding: float | None = None
 
     def note(self, step: str) -> str:
         return (f"{step} step: λ {self.best:g} beat λ {self.runner_up:g} by {self.margin:.3g}, within the score's "
-                f"float noise ({self.noise:.3g}, from re-scoring both with the windows in reverse order): the choice "
-                "is a coin flip between them; more search windows (`--set search_windows=N`) make it robust")
+                f"float noise ({self.noise:.3g}: re-scoring in reverse window order moved it {self.noise_reorder:.3g}, "
+                f"other kernels or dtypes move a lead up to {self.noise_rounding:.3g}): the choice is a coin flip "
+                f"between them, and another machine may pick λ {self.runner_up:g}")
 
 
 def runner_up(scores: Mapping[float, CandidateScore], best: float) -> tuple[float | None, float | None]:
@@ -162,8 +175,10 @@ def tie_check(scores, best: float, rescored: Mapping[float, CandidateScore] | No
               if lam in rescored and scores[lam].total is not None]
     if scores[lam2].total is None and lam2 in rescored:  # its full total is known now
         margin = min(margin, rescored[lam2].total - rescored[best].total) if best in rescored else margin
-    noise = max(deltas) if deltas else None
-    return TieCheck(best, lam2, margin, noise, noise is not None and margin <= noise)
+    reorder = max(deltas) if deltas else 0.0
+    rounding = ROUNDING_NOISE * abs(scores[best].total)
+    noise = max(reorder, rounding)
+    return TieCheck(best, lam2, margin, noise, margin <= noise, reorder, rounding)
 
 
 def decide(scores: Mapping[float, CandidateScore], lambdas: Sequence[float],

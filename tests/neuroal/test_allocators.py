@@ -5,7 +5,7 @@ import pytest
 
 from neuroal.allocation import ALLOCATORS, AllocationProblem, CandidateScore, Evidence
 from neuroal.allocation.alpha import AlphaPruning
-from neuroal.allocation.neuroal import NeuroAL, block_candidates, choose, curve, steps
+from neuroal.allocation.neuroal import ROUNDING_NOISE, NeuroAL, block_candidates, choose, curve, steps
 from neuroal.allocation.owl import OWL
 from neuroal.allocation.uniform import DSnoTTopUp, Uniform
 from neuroal.families import family_for
@@ -102,28 +102,34 @@ def test_a_constructed_near_tie_is_reported_and_the_tie_rule_applies():
     lowest = NeuroAL(step="block").allocate(problem, scorer)
     check = lowest.extra["tie_check"]["block"]
     assert lowest.lambda_block == 0.08 and check["runner_up"] == 0.05 and check["near_tie"]
-    assert check["margin"] == pytest.approx(1e-4) and check["noise"] == pytest.approx(noise)
+    assert check["margin"] == pytest.approx(1e-4) and check["noise_reorder"] == pytest.approx(noise)
+    assert check["noise"] == pytest.approx(max(noise, ROUNDING_NOISE * 0.9999))
     assert any("coin flip" in n for n in lowest.notes)
     ordered = NeuroAL(step="block", tie_rule="reference-order").allocate(problem, scorer)
     assert ordered.lambda_block == 0.05 and any("earlier in the reference's order" in n for n in ordered.notes)
-    totals[0.08] = 0.99  # a clear lead: no note, the lowest wins under both rules
+    totals[0.08] = 0.95  # a clear lead (5%, above what rounding moves): no note, the lowest wins under both rules
     clear = NeuroAL(step="block", tie_rule="reference-order").allocate(problem, scorer)
     assert clear.lambda_block == 0.08 and not clear.extra["tie_check"]["block"]["near_tie"]
 
 
 def test_decide_is_a_pure_choice_by_hand():
-    """λ chosen with no chain: lowest total; a lead inside the re-scoring noise is a near tie that
-    "reference-order" gives to the earlier λ; stopped candidates (total None) never win."""
+    """λ chosen with no chain: lowest total; a lead inside the noise (the re-scoring's, or rounding's
+    floor) is a near tie that "reference-order" gives to the earlier λ; stopped candidates never win."""
     from neuroal.allocation.neuroal import decide
 
     lambdas = [0.01, 0.02, 0.03]
-    scores = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.999, 4.999), 0.03: CandidateScore(None, 6.0)}
+    scores = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.8, 4.8), 0.03: CandidateScore(None, 6.0)}
     assert decide(scores, lambdas) == (0.02, None)
-    noisy = {0.01: CandidateScore(5.002, 5.002), 0.02: CandidateScore(4.999, 4.999)}  # 0.01 moved by 0.002 > lead 0.001
+    noisy = {0.01: CandidateScore(5.3, 5.3), 0.02: CandidateScore(4.8, 4.8)}  # 0.01 moved by 0.3 > lead 0.2
     lam, check = decide(scores, lambdas, noisy)
     assert lam == 0.02 and check.near_tie and check.runner_up == 0.01
-    assert check.margin == pytest.approx(0.001) and check.noise == pytest.approx(0.002)
+    assert check.margin == pytest.approx(0.2) and check.noise == check.noise_reorder == pytest.approx(0.3)
     assert decide(scores, lambdas, noisy, "reference-order")[0] == 0.01
-    steady = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.999, 4.999)}  # no noise: a real lead
+    steady = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.8, 4.8)}  # a 4% lead, no re-scoring noise
     assert decide(scores, lambdas, steady, "reference-order") == (0.02, decide(scores, lambdas, steady)[1])
     assert not decide(scores, lambdas, steady)[1].near_tie
+    # a 1% lead that re-scoring does not move is still inside rounding's floor (1.3% of the winner's 4.95)
+    close = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.95, 4.95)}
+    lam, check = decide({**scores, **close}, lambdas, close)
+    assert lam == 0.02 and check.noise_reorder == 0.0 and check.noise == pytest.approx(ROUNDING_NOISE * 4.95)
+    assert check.near_tie and decide({**scores, **close}, lambdas, close, "reference-order")[0] == 0.01

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,13 @@ def smollm2_dir():
     return resolve_model("smollm2-135m")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def local_cluster(nodes: int, cpus: int, gpus: int = 0, *, connect: bool = True, **head_args):
     """A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head with no CPUs for
@@ -153,10 +161,15 @@ def local_cluster(nodes: int, cpus: int, gpus: int = 0, *, connect: bool = True,
     old_env, old_flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # each node's dashboard agent gets a port of its own: by default every agent on the machine (this
+    # cluster's nodes, another test's Ray instance) asks for 52365, and a node whose agent lost that race
+    # cannot take `ray job submit` ("No available agent to submit job")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                       "include_dashboard": False, **head_args})
+                                                       "include_dashboard": False,
+                                                       "dashboard_agent_listen_port": free_port(), **head_args})
     try:
-        workers = [c.add_node(num_cpus=cpus, num_gpus=gpus, node_ip_address="127.0.0.1") for _ in range(nodes)]
+        workers = [c.add_node(num_cpus=cpus, num_gpus=gpus, node_ip_address="127.0.0.1",
+                              dashboard_agent_listen_port=free_port()) for _ in range(nodes)]
         c.wait_for_nodes()
         if connect:
             ray.init(address=c.address, logging_level="ERROR")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 import ray
 import torch
 
-from conftest import local_cluster
+from conftest import free_port, local_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -26,12 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "neuroal-runs"
 FLAGS = ["--model", "smollm2-135m", "--method", "wanda", "--top-up", "neuroal", "--neuroal-step", "block",
          "--sparsity", "0.6", "--seqlen", "32", "--nsamples", "8", "--eval", "wikitext2", "--eval-windows", "4"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -55,7 +48,7 @@ def s3(monkeypatch):
 @pytest.fixture
 def job_cluster():
     """A head with no CPUs for actors and a dashboard on 127.0.0.1, two workers declaring 2 GPUs each."""
-    dash = _free_port()
+    dash = free_port()
     with local_cluster(2, cpus=2, gpus=2, connect=False, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=dash) as (c, workers):
         yield c, workers, f"http://127.0.0.1:{dash}"

@@ -4,7 +4,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,23 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_runs_a_prune(tmp_path, tiny_dirs, shared_data):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0")
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     # every port of our own, so another Ray instance on the machine cannot take the job agent's
-    ports = [f"--{name}={_free_port()}" for name in (
+    ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
         "node-manager-port", "object-manager-port", "ray-client-server-port")]
     head = subprocess.Popen(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 
-from conftest import local_cluster
+from conftest import free_port, local_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "neuroal-runs"
@@ -34,12 +33,6 @@ def _one_line_error(result) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     assert len(lines) == 1, text
     return lines[0]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- a Ray address where nothing answers
@@ -70,7 +63,7 @@ def test_an_address_where_no_cluster_answers_is_one_line(kind, scheme, tmp_path,
                                                          monkeypatch):
     monkeypatch.setenv("NEUROAL_RAY_WAIT_S", "2")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    address = f"{scheme}127.0.0.1:{_free_port()}"
+    address = f"{scheme}127.0.0.1:{free_port()}"
     t = time.monotonic()
     line = _one_line_error(runner.invoke(app, _command(kind, ["--address", address], tmp_path, tiny_dirs, grid_yaml)))
     assert time.monotonic() - t < 60
@@ -80,7 +73,7 @@ def test_an_address_where_no_cluster_answers_is_one_line(kind, scheme, tmp_path,
 
 
 def test_ray_address_from_the_environment_is_named(tmp_path, tiny_dirs, shared_data, grid_yaml, monkeypatch):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("NEUROAL_RAY_WAIT_S", "2")
     monkeypatch.setenv("RAY_ADDRESS", address)
     line = _one_line_error(runner.invoke(app, _command("prune", [], tmp_path, tiny_dirs, grid_yaml)))
@@ -95,7 +88,7 @@ def test_the_default_wait_is_bounded(monkeypatch):
     assert 5 <= RAY_WAIT_S <= 30
     t = time.monotonic()
     with pytest.raises(RayUnavailable):
-        check_address(f"127.0.0.1:{_free_port()}")
+        check_address(f"127.0.0.1:{free_port()}")
     assert time.monotonic() - t < 60
 
 
@@ -181,7 +174,7 @@ def test_store_without_credentials_is_one_line(s3, tmp_path):
 
 def test_an_endpoint_that_does_not_answer_is_one_line(s3, tmp_path, monkeypatch):
     _with_credentials(monkeypatch)
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     line = _one_line_error(_prune_local(f"s3://{BUCKET}/run", "--store", str(tmp_path / "store")))
     assert f"--out: cannot reach s3://{BUCKET}/run: the storage endpoint at {endpoint} does not answer" in line

@@ -89,12 +89,14 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None,
 
 TIERS = Path(__file__).with_name("tiers.json")  # measured durations' verdict: tests/tier.py writes it
 REAL_MODEL_FIXTURES = {"smollm2_dir"}  # a test that converts the real model is slow whatever it measured
-SHARED_REFERENCES = {"smollm2_wanda_neuroal"}  # session fixtures too costly to compute on each worker
-
-
 def pytest_collection_modifyitems(config, items):
     """The fast tier is `pytest -m "not slow"`: besides the tests marked `slow` by hand, those that use
-    the real model and those measured too slow for the tier's budget (`tiers.json`) are `slow`."""
+    the real model and those measured too slow for the tier's budget (`tiers.json`) are `slow`.
+
+    The slow tests run one after another on one pytest-xdist worker while the other takes the fast
+    ones: two real-model or multi-node Ray tests at once on two cores each ran 3-4x slower than alone
+    (threads of two Ray instances contending), so pairing them cost more than it saved; and the
+    session fixtures they share (the SmolLM2 reference prune) are computed once."""
     import json
 
     measured = set(json.loads(TIERS.read_text())["slow"]) if TIERS.exists() else set()
@@ -102,8 +104,8 @@ def pytest_collection_modifyitems(config, items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if item.nodeid in measured or REAL_MODEL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
-        for name in SHARED_REFERENCES & fixtures:  # its users on one xdist worker: the reference is computed once
-            item.add_marker(pytest.mark.xdist_group(name))
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("slow"))
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +146,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def separate_node_args() -> dict:
+    """What keeps one machine's Ray nodes apart as separate machines are: each node's dashboard agent
+    gets a port of its own (every agent asks for 52365 by default, and a node whose agent lost that race
+    refuses `ray job submit`: "No available agent to submit job"), and each node unpacks runtime
+    environments into a folder of its own (in the shared session folder, a node that unpacks a job's
+    working_dir deletes and rewrites the copy another node's driver is importing from)."""
+    port = free_port()
+    return {"dashboard_agent_listen_port": port, "runtime_env_dir_name": f"runtime_resources_{port}"}
+
+
 @contextlib.contextmanager
 def local_cluster(nodes: int, cpus: int, gpus: int = 0, *, connect: bool = True, **head_args):
     """A multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`): a head with no CPUs for
@@ -161,15 +173,11 @@ def local_cluster(nodes: int, cpus: int, gpus: int = 0, *, connect: bool = True,
     old_env, old_flag = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    # each node's dashboard agent gets a port of its own: by default every agent on the machine (this
-    # cluster's nodes, another test's Ray instance) asks for 52365, and a node whose agent lost that race
-    # cannot take `ray job submit` ("No available agent to submit job")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                       "include_dashboard": False,
-                                                       "dashboard_agent_listen_port": free_port(), **head_args})
+                                                       "include_dashboard": False, **separate_node_args(), **head_args})
     try:
-        workers = [c.add_node(num_cpus=cpus, num_gpus=gpus, node_ip_address="127.0.0.1",
-                              dashboard_agent_listen_port=free_port()) for _ in range(nodes)]
+        workers = [c.add_node(num_cpus=cpus, num_gpus=gpus, node_ip_address="127.0.0.1", **separate_node_args())
+                   for _ in range(nodes)]
         c.wait_for_nodes()
         if connect:
             ray.init(address=c.address, logging_level="ERROR")

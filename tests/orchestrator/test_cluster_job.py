@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 
-from conftest import free_port, local_cluster
+from conftest import free_port, local_cluster, separate_node_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -99,12 +99,12 @@ def test_job_submit_to_s3_survives_a_lost_node(job_cluster, s3, shared_data, tmp
         logs, status = client.get_job_logs(job_id), client.get_job_status(job_id)
         if not removed and "block λ=" in logs:
             cluster.remove_node(workers[1])
-            cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1")
+            cluster.add_node(num_cpus=2, num_gpus=2, node_ip_address="127.0.0.1", **separate_node_args())
             removed = True
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
         time.sleep(1)
-    assert removed, "the search finished before a node could be removed"
+    assert removed, f"no candidate was scored before the job was {status}:\n{logs[-4000:]}"
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
 
     got = _download("smol", tmp_path / "from-s3")

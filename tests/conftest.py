@@ -89,23 +89,61 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None,
 
 TIERS = Path(__file__).with_name("tiers.json")  # measured durations' verdict: tests/tier.py writes it
 REAL_MODEL_FIXTURES = {"smollm2_dir"}  # a test that converts the real model is slow whatever it measured
+SLOW_IDS = "NEUROAL_TEST_SLOW_IDS"  # a folder: each xdist worker writes the ids it marked slow there
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ[SLOW_IDS] = tempfile.mkdtemp(prefix="neuroal-slow-ids-")  # the workers inherit it
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """The fast tier is `pytest -m "not slow"`: besides the tests marked `slow` by hand, those that use
-    the real model and those measured too slow for the tier's budget (`tiers.json`) are `slow`.
-
-    The slow tests run one after another on one pytest-xdist worker while the other takes the fast
-    ones: two real-model or multi-node Ray tests at once on two cores each ran 3-4x slower than alone
-    (threads of two Ray instances contending), so pairing them cost more than it saved; and the
-    session fixtures they share (the SmolLM2 reference prune) are computed once."""
+    the real model and those measured too slow for the tier's budget (`tiers.json`) are `slow`."""
     import json
 
     measured = set(json.loads(TIERS.read_text())["slow"]) if TIERS.exists() else set()
+    slow = []
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if item.nodeid in measured or REAL_MODEL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("slow"))
+            slow.append(item.nodeid)
+    if hasattr(config, "workerinput") and os.environ.get(SLOW_IDS):
+        folder = Path(os.environ[SLOW_IDS])  # written before the worker reports its collection
+        tmp = folder / f"{config.workerinput['workerid']}.tmp"
+        tmp.write_text(json.dumps(slow))
+        tmp.replace(tmp.with_suffix(".json"))
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """The slow tests run one after another on one pytest-xdist worker while the other takes the fast
+    ones. Two real-model or multi-node Ray tests at once on two cores ran 2-4x slower each than alone
+    (two Ray instances' threads contending), so pairing them cost more than it saved; and the session
+    fixtures they share (the SmolLM2 reference prune) are computed once. (xdist's own `loadgroup`
+    cannot do it under pytest 9: the group it appends to a test's id is lost.)"""
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    folder = Path(os.environ[SLOW_IDS])
+
+    class SlowOnOneWorker(LoadScopeScheduling):
+        """Scopes are single tests, and one scope of all the slow ones (the largest: it is sent first)."""
+
+        slow: set[str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.slow is None:  # every worker has reported its collection by now
+                self.slow = {i for f in folder.glob("*.json") for i in json.loads(f.read_text())}
+            return "slow" if nodeid in self.slow else nodeid
+
+    return SlowOnOneWorker(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -374,6 +412,10 @@ _EXIT_STATUS: list[int] = []
 
 def pytest_sessionfinish(session, exitstatus):
     _EXIT_STATUS.append(int(exitstatus))
+    if os.environ.get(SLOW_IDS) and not hasattr(session.config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(os.environ.pop(SLOW_IDS), ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)

@@ -248,6 +248,11 @@ def main():
                     [[p["setting"], p["variant"], p["block"], f"{p['input_drift']:.2e}", f"{p['norm_drift']:.2e}",
                       f"{p['mask_flips']:.2e}", f"{p['metric_drift']:.2e}"] for p in probe_rows])
     if rule_rows:
+        print_table("Block step, winner vs runner-up: their block-only allocations' held-out ppl (float32)",
+                    ["setting", "variant", "winner λ: ppl", "runner-up λ: ppl", "near tie", "rules that pick the better"],
+                    [[r["setting"], r["variant"], *(f"{lam}: {ppl:.1f}" for lam, ppl in r["ppl"].items()),
+                      "yes" if r["near_tie"] else "no", ", ".join(k for k, ok in r["right"].items() if ok) or "-"]
+                     for r in rule_rows])
         record = {rule: (sum(r["right"][rule] for r in rule_rows), len(rule_rows)) for rule in RULES}
         ties = [r for r in rule_rows if r["near_tie"]]
         record_ties = {rule: (sum(r["right"][rule] for r in ties), len(ties)) for rule in RULES}

@@ -131,6 +131,8 @@ def pytest_xdist_make_scheduler(config, log):
 
     from xdist.scheduler import LoadScopeScheduling
 
+    if not os.environ.get(SLOW_IDS):
+        return None  # xdist's default scheduler
     folder = Path(os.environ[SLOW_IDS])
 
     class SlowOnOneWorker(LoadScopeScheduling):

@@ -127,12 +127,12 @@ def pytest_xdist_make_scheduler(config, log):
     (two Ray instances' threads contending), so pairing them cost more than it saved; and the session
     fixtures they share (the SmolLM2 reference prune) are computed once. (xdist's own `loadgroup`
     cannot do it under pytest 9: the group it appends to a test's id is lost.)"""
+    if not os.environ.get(SLOW_IDS):
+        return None  # xdist's default scheduler
     import json
 
     from xdist.scheduler import LoadScopeScheduling
 
-    if not os.environ.get(SLOW_IDS):
-        return None  # xdist's default scheduler
     folder = Path(os.environ[SLOW_IDS])
 
     class SlowOnOneWorker(LoadScopeScheduling):

@@ -78,8 +78,7 @@ OBJECT_STORE = 100 * 2**20
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("shards", [1, 3])  # 3: a first, a middle and a last shard
-def test_actor_memory_stays_within_the_plan(shards, shared_data, tmp_path):
+def test_actor_memory_stays_within_the_plan(shared_data, tmp_path):
     """Each actor's peak RSS over a bare worker's stays under the planner's prediction for its shard
     (weights + activations, `plan_shards` with this run's dtype, windows and micro-batches) plus a
     stated margin: the object store's pages the actor wrote (capped here) and MEMORY_MARGIN for the
@@ -99,6 +98,7 @@ def test_actor_memory_stays_within_the_plan(shards, shared_data, tmp_path):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     seqlen, nsamples = 64, 8
+    shards = 3  # a first (embeddings), a middle and a last (the head) shard; one shard alone ran 61 s more in CI
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=OBJECT_STORE)
     try:
         base = ray.get(ray.remote(baseline_worker).remote())
@@ -129,5 +129,4 @@ def test_actor_memory_stays_within_the_plan(shards, shared_data, tmp_path):
     for peak, s, h in zip(peaks, plan.shards, held):
         assert peak - base <= s.total_bytes + MEMORY_MARGIN + OBJECT_STORE
         assert h <= s.param_bytes + 2**20  # what the plan gave it (and small buffers: rotary frequencies)
-        if shards > 1:
-            assert h < whole * 0.75  # no actor holds the whole model
+        assert h < whole * 0.75  # no actor holds the whole model

@@ -16,6 +16,9 @@ check on): the λs, every candidate's score, the tie check's lead and noise, sec
 
     python benchmarks/dtype_fidelity.py                          # Wanda 70%, the issue's fixed-token case
     python benchmarks/dtype_fidelity.py --settings wanda:0.5,wanda:0.6,wanda:0.7,wanda:0.8,sparsegpt:0.5,sparsegpt:0.7
+    # the other variants beside an earlier fp32-only run of the same protocol (its searches are not repeated)
+    python benchmarks/dtype_fidelity.py --settings ... --no-probe --nsamples 32 --seqlen 128 \
+        --baseline benchmarks/results/dtype_fidelity_rules.json --out benchmarks/results/dtype_fidelity_variants.json
 """
 
 from __future__ import annotations
@@ -184,6 +187,23 @@ def rule_picks(check: dict, lambdas: list[float]) -> dict[str, float]:
             "smaller-λ": min(best, second)}
 
 
+PROTOCOL = ("seqlen", "nsamples", "search_windows", "eval_windows")
+
+
+def _earlier_runs(args) -> dict:
+    """{setting: its runs and block-only perplexities} from `--baseline`, when its protocol is this one's."""
+    if not args.baseline:
+        return {}
+    import json
+
+    old = json.loads(Path(args.baseline).read_text())
+    differs = [k for k in PROTOCOL if old["config"][k] != getattr(args, k)]
+    if differs or args.probe:
+        raise SystemExit(f"--baseline: its {', '.join(differs) or 'probes'} differ from this run's (probes are "
+                         "not kept per run: pass --no-probe)")
+    return {s["setting"]: {"runs": s["runs"], "block_only_ppl": s["block_only_ppl"]} for s in old["settings"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", default="wanda:0.7", help="method:sparsity,... (issue 26: six of them)")
@@ -194,7 +214,10 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--no-probe", dest="probe", action="store_false")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dtype_fidelity.json"))
+    ap.add_argument("--baseline", help="an earlier --out of the same protocol: its variants' runs and "
+                                       "evaluations are taken, not run again (the searches are deterministic)")
     args = ap.parse_args()
+    earlier = _earlier_runs(args)
     from neuroal.allocation.neuroal import block_candidates, block_lambdas
     from neuroal.models import load_config, resolve_model
     from neuroal.families import family_for
@@ -204,16 +227,19 @@ def main():
     settings, choice_rows, spread_rows, probe_rows, rule_rows = [], [], [], [], []
     for item in args.settings.split(","):
         method, sparsity = item.split(":")[0], float(item.split(":")[1])
-        runs = {v: in_child(search, method, sparsity, v, args) for v in args.variants.split(",")}
+        taken = earlier.get(item, {"runs": {}, "block_only_ppl": {}})
+        runs = {**taken["runs"], **{v: in_child(search, method, sparsity, v, args)
+                                    for v in args.variants.split(",") if v not in taken["runs"]}}
         lambdas = list(block_lambdas(sparsity))
         candidates = block_candidates(config.num_hidden_layers, sparsity, family.linears)
-        block_ppl = {}
+        block_ppl = {float(lam): ppl for lam, ppl in taken["block_only_ppl"].items()}
         for r in runs.values():
             for lam in {r["tie_check"]["block"]["best"], r["tie_check"]["block"].get("runner_up")} - {None}:
                 if lam not in block_ppl:
                     block_ppl[lam] = in_child(evaluate, method, sparsity, candidates[lam], args)["ppl"]
         for variant, r in runs.items():
-            r["ppl"] = in_child(evaluate, method, sparsity, r.pop("ratios"), args)["ppl"]
+            if variant not in taken["runs"]:
+                r["ppl"] = in_child(evaluate, method, sparsity, r.pop("ratios"), args)["ppl"]
             checks = r["tie_check"]
             choice_rows.append([f"{method} {sparsity:.0%}", variant, f"{r['lambda_block']:g}",
                                 "-" if r["lambda_row"] is None else f"{r['lambda_row']:g}",

@@ -395,7 +395,7 @@ def _run_cells(grid: Grid, store: Path, data_dir: str | None, on_update) -> dict
                 pending[r] = (key, "eval", e)
         else:
             rows = [dict(base, **m, protocol=_protocol(m, grid)) for base in [_base_row(st)] for m in out]
-            append_rows(store, [{k: v for k, v in r.items() if k not in ("info", "n_docs", "request")} for r in rows])
+            append_rows(store, [{k: v for k, v in r.items() if k not in ("info", "n_docs")} for r in rows])
             st.evals_left -= 1
             if st.evals_left == 0 and st.status != "failed":
                 st.status = "done"

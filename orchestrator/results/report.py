@@ -3,7 +3,8 @@
 Tables, one per model (and pattern):
 - perplexity: rows method × top-up, columns sparsity × dataset; the best (lowest) per column in bold;
 - zero-shot: rows method × top-up, columns sparsity × task plus the mean accuracy (`acc`, the papers'
-  table); best (highest) bold;
+  table) over the names asked for: a group with an aggregate of its own counts once, not again through
+  its members' columns; best (highest) bold;
 - other zero-shot metrics: every lm-eval metric of the tasks that report no `acc` (e.g. gsm8k's
   `exact_match,strict-match`), columns sparsity × task × metric, under lm-eval's own names;
 - chosen λ: the block and row λ of every cell whose top-up searched one (NeuroAL).
@@ -77,6 +78,7 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
     if len(failed):
         sections += ["Failed cells:", *[f"- {r.model} {r.method} {r.top_up} {r.sparsity:g}: {r.note}" for r in failed.itertuples()], ""]
     df = df[df["metric"] != "error"]
+    df = df.assign(member=_members_of_aggregates(df))
     if "protocol" in df:  # a result is labelled by how it was made: two protocols are two columns, never a mean
         labelled = df["protocol"].notna() & (df["protocol"] != "")
         df.loc[labelled, "task"] = df.loc[labelled, "task"] + " (" + df.loc[labelled, "protocol"] + ")"
@@ -93,8 +95,9 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
         acc = part[part["metric"] == ACC_METRIC]
         if len(acc):
             table = _pivot(acc, ["sparsity", "task"])
+            members = set(acc.loc[acc["member"], "task"])
             for s in sorted(acc["sparsity"].unique()):
-                cols = [c for c in table.columns if c[0] == s]
+                cols = [c for c in table.columns if c[0] == s and c[1] not in members]
                 table[(s, "mean")] = table[cols].mean(axis=1)
             table = table.sort_index(axis=1)
             files["tables"] += _write(table, out / f"zeroshot-{slug}", best="max", fmt=".4f")
@@ -118,6 +121,16 @@ def build_report(store: str | Path, out: str | Path) -> dict[str, list[Path]]:
     md.write_text("\n".join(sections))
     files["tables"].insert(0, md)
     return files
+
+
+def _members_of_aggregates(df: pd.DataFrame) -> pd.Series:
+    """True on the rows of a group's members whose group has a row of its own (lm-eval's aggregate):
+    averaged beside it they would count twice. Rows stored before `request` was kept are False."""
+    if "request" not in df:
+        return pd.Series(False, index=df.index)
+    under = df["request"].notna() & (df["request"] != df["task"])
+    aggregated = set(df.loc[under, "request"]) & set(df.loc[df["request"] == df["task"], "task"])
+    return under & df["request"].isin(aggregated)
 
 
 def _write(table: pd.DataFrame, stem: Path, best: str | None, fmt: str) -> list[Path]:

@@ -61,6 +61,7 @@ SCHEMA = pa.schema(
         ("note", pa.string()),  # why a row failed, or what was special about it
         ("protocol", pa.string()),  # how the evaluation was made, in words (seqlen and windows, documents)
         ("dtype", pa.string()),  # the evaluation's compute dtype (part of its eval_key); None before it was kept
+        ("request", pa.string()),  # zero-shot: the task, group or tag asked for (a group's name on its members' rows)
     ]
 )
 
@@ -176,7 +177,7 @@ def run_rows(run, *, run_id: str | None = None) -> list[dict]:
         dict(base, task="prune", metric="sparsity_actual", value=rec.sparsity_actual, stderr=None, eval_key="")]
     for e in rec.evaluations:  # every evaluation on record, each with its protocol
         rows.append(dict(base, task=e.task, metric=e.metric, value=e.value, stderr=e.stderr, eval_key=e.eval_key,
-                         protocol=e.protocol, dtype=e.dtype))
+                         protocol=e.protocol, dtype=e.dtype, request=e.request))
     info = data.get("eval_data", {})
     for name, v in rec.perplexity_dense.items():
         rows.append(dict(base, task=name, metric="perplexity_dense", value=v, stderr=None,

@@ -19,6 +19,7 @@ check on): the λs, every candidate's score, the tie check's lead and noise, sec
     # the other variants beside an earlier fp32-only run of the same protocol (its searches are not repeated)
     python benchmarks/dtype_fidelity.py --settings ... --no-probe --nsamples 32 --seqlen 128 \
         --baseline benchmarks/results/dtype_fidelity_rules.json --out benchmarks/results/dtype_fidelity_variants.json
+    # its tables again, nothing recomputed: the same command with --baseline its own --out (and --out elsewhere)
 """
 
 from __future__ import annotations
@@ -170,6 +171,26 @@ def candidate_spread(runs: dict) -> list[dict]:
     return out
 
 
+def lead_movement(runs: dict) -> dict[str, float]:
+    """Per step, the most that switching variant moved a pairwise lead (score a - score b over the smaller),
+    over candidate pairs every variant finished; the row step only among variants of the same block λ
+    (another block λ gives other row candidates). What the tie check's rounding floor has to cover."""
+    import itertools
+
+    out = {}
+    for step in ("block", "row"):
+        same = [v for v, r in runs.items() if step == "block" or r["lambda_block"] == next(iter(runs.values()))["lambda_block"]]
+        curves = [{p["lambda"]: p["score"] for p in runs[v]["curves"].get(step, []) if p["complete"]} for v in same]
+        if len(curves) < 2:
+            continue
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        moves = [max(leads) - min(leads) for a, b in itertools.combinations(common, 2)
+                 for leads in [[(c[a] - c[b]) / min(c[a], c[b]) for c in curves]]]
+        if moves:  # at least two candidates every variant finished
+            out[step] = max(moves)
+    return out
+
+
 def _lead(run: dict, step: str) -> str:
     """A step's lead and tie-check noise, as fractions of the winner's score (* near tie)."""
     c = run["tie_check"].get(step)
@@ -218,7 +239,7 @@ def main():
                                        "evaluations are taken, not run again (the searches are deterministic)")
     args = ap.parse_args()
     earlier = _earlier_runs(args)
-    from neuroal.allocation.neuroal import block_candidates, block_lambdas
+    from neuroal.allocation.neuroal import ROUNDING_NOISE, block_candidates, block_lambdas
     from neuroal.models import load_config, resolve_model
     from neuroal.families import family_for
 
@@ -252,7 +273,7 @@ def main():
                                   "ppl": {str(lam): block_ppl[lam] for lam in (block["best"], block["runner_up"])},
                                   "picks": picks, "right": {rule: picks[rule] == better for rule in RULES}})
         spread = candidate_spread(runs)
-        spread_rows.append({"setting": item, "candidates": spread})
+        spread_rows.append({"setting": item, "candidates": spread, "lead_movement": lead_movement(runs)})
         if args.probe:
             probe_rows += [{"setting": item, **row} for row in where_noise_enters({v: r.pop("probe") for v, r in runs.items()})]
         settings.append({"setting": item, "runs": {v: {k: x for k, x in r.items() if k != "probe"} for v, r in runs.items()},
@@ -264,10 +285,14 @@ def main():
                 f"{args.search_windows}; WikiText-2 ppl in float32 over {args.eval_windows} windows)",
                 ["setting", "variant", "λ block", "λ row", "block lead / noise", "row lead / noise", "ppl", "search s"],
                 choice_rows)
-    print_table("Block-step scores across variants: spread of each finished candidate's score (max - min over mean)",
-                ["setting", "candidates", "median spread", "max spread"],
+    print_table("Scores across variants: spread of each finished block-step candidate's score (max - min over "
+                "mean), and the most a pairwise lead moved (the tie check's rounding floor is "
+                f"{ROUNDING_NOISE:.1%})",
+                ["setting", "candidates", "median spread", "max spread", "lead moved: block", "lead moved: row"],
                 [[s["setting"], len(s["candidates"]), f"{median([c['spread'] for c in s['candidates']]):.2%}",
-                  f"{max((c['spread'] for c in s['candidates']), default=float('nan')):.2%}"] for s in spread_rows])
+                  f"{max((c['spread'] for c in s['candidates']), default=float('nan')):.2%}",
+                  *(f"{s['lead_movement'][k]:.2%}" if k in s["lead_movement"] else "-" for k in ("block", "row"))]
+                 for s in spread_rows])
     if probe_rows:
         print_table("Where the noise enters (vs float32, 2 threads; relative drift)",
                     ["setting", "variant", "block", "input", "Wanda norms", "mask flips", "metric"],

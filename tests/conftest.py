@@ -150,10 +150,10 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(autouse=True)
 def one_thread_beside_the_slow_tests(request):
-    """Under pytest-xdist a fast test runs on one torch thread: the other worker's slow test keeps two,
-    and three OpenMP threads spinning at their barriers on two cores slowed both tests by half (measured:
-    a fast module beside the SmolLM2 zero-shot test, 66 s and 103 s with two threads each, 42 s and
-    81 s with one thread for the fast module). Alone, a slow test keeps torch's default."""
+    """Under pytest-xdist a fast test runs on one torch thread while the other worker's slow test keeps
+    two: two two-thread OpenMP pools on two cores spin at their barriers for each other's descheduled
+    threads (measured: a fast module beside the SmolLM2 zero-shot test took 66 s and 103 s with two
+    threads each, 42 s and 81 s with one thread for the fast module). Alone, a test keeps torch's default."""
     if not os.environ.get("PYTEST_XDIST_WORKER") or request.node.get_closest_marker("slow"):
         yield
         return

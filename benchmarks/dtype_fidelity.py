@@ -158,9 +158,14 @@ def where_noise_enters(probes: dict) -> list[dict]:
     return rows
 
 
+def _finished(run: dict, step: str) -> dict[float, float]:
+    """λ -> score of the candidates a run's `step` scored to the end."""
+    return {p["lambda"]: p["score"] for p in run["curves"].get(step, []) if p["complete"]}
+
+
 def candidate_spread(runs: dict) -> list[dict]:
     """Per block-step λ: the spread of its finished scores across variants, relative to their mean."""
-    curves = {v: {p["lambda"]: p["score"] for p in r["curves"]["block"] if p["complete"]} for v, r in runs.items()}
+    curves = {v: _finished(r, "block") for v, r in runs.items()}
     lambdas = [p["lambda"] for p in next(iter(runs.values()))["curves"]["block"]]
     out = []
     for lam in lambdas:
@@ -177,10 +182,9 @@ def lead_movement(runs: dict) -> dict[str, float]:
     (another block λ gives other row candidates). What the tie check's rounding floor has to cover."""
     import itertools
 
-    out = {}
+    out, first_block = {}, next(iter(runs.values()))["lambda_block"]
     for step in ("block", "row"):
-        same = [v for v, r in runs.items() if step == "block" or r["lambda_block"] == next(iter(runs.values()))["lambda_block"]]
-        curves = [{p["lambda"]: p["score"] for p in runs[v]["curves"].get(step, []) if p["complete"]} for v in same]
+        curves = [_finished(r, step) for r in runs.values() if step == "block" or r["lambda_block"] == first_block]
         if len(curves) < 2:
             continue
         common = sorted(set.intersection(*(set(c) for c in curves)))

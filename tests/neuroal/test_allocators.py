@@ -128,7 +128,7 @@ def test_decide_is_a_pure_choice_by_hand():
     steady = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.8, 4.8)}  # a 4% lead, no re-scoring noise
     assert decide(scores, lambdas, steady, "reference-order") == (0.02, decide(scores, lambdas, steady)[1])
     assert not decide(scores, lambdas, steady)[1].near_tie
-    # a 1% lead that re-scoring does not move is still inside rounding's floor (1.3% of the winner's 4.95)
+    # a 1% lead that re-scoring does not move is still inside rounding's floor (3.1% of the winner's 4.95)
     close = {0.01: CandidateScore(5.0, 5.0), 0.02: CandidateScore(4.95, 4.95)}
     lam, check = decide({**scores, **close}, lambdas, close)
     assert lam == 0.02 and check.noise_reorder == 0.0 and check.noise == pytest.approx(ROUNDING_NOISE * 4.95)

@@ -10,8 +10,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+
+NUMPY_EXACT = (torch.float32, torch.float64, torch.float16)  # bfloat16 widens to float32 exactly
+
+
+def kth_smallest(score: Tensor, k: int) -> Tensor:
+    """Each row's k-th smallest entry, [out, 1]: the values of `torch.kthvalue(score, k, dim=1)`.
+
+    On CPU this is numpy's introselect (`np.partition`), ~5x faster than torch's kthvalue, which also
+    tracks every entry's index; it was most of a CPU NeuroAL search's mask time. The k-th smallest value
+    is one value whichever algorithm finds it (NaN sorts last in both), so the masks are unchanged.
+    """
+    if score.device.type != "cpu" or not score.is_floating_point():
+        return torch.kthvalue(score, k, dim=1, keepdim=True).values
+    exact = score.detach() if score.dtype in NUMPY_EXACT else score.detach().float()
+    return torch.from_numpy(np.partition(exact.numpy(), k - 1, axis=1)[:, k - 1 : k]).to(score.dtype)
 
 
 def _admit_ties(strict: Tensor, eq: Tensor, need: Tensor) -> Tensor:
@@ -39,7 +55,7 @@ def lowest_k(score: Tensor, k: int) -> Tensor:
         return torch.zeros_like(score, dtype=torch.bool)
     if k >= score.shape[1]:
         return torch.ones_like(score, dtype=torch.bool)
-    thr = torch.kthvalue(score, k, dim=1, keepdim=True).values  # [out, 1]
+    thr = kth_smallest(score, k)  # [out, 1]
     less = score < thr
     return _admit_ties(less, score == thr, k - less.sum(dim=1, keepdim=True))
 
@@ -63,11 +79,11 @@ def row_mask_ratios(score: Tensor, ratios: Tensor) -> Tensor:
     prune = (cols - keep).clamp(max=cols - 1)  # rows keeping nothing are set below
     p_min, p_max = int(prune.min()), int(prune.max())
     if p_min == p_max:
-        thr = torch.kthvalue(score, p_max + 1, dim=1, keepdim=True).values
+        thr = kth_smallest(score, p_max + 1)
     else:
         col = torch.arange(p_max - p_min, device=score.device).reshape(1, -1)
         pad = torch.where(col < p_max - prune, float("-inf"), float("inf")).to(score.dtype)
-        thr = torch.kthvalue(torch.cat([score, pad], dim=1), p_max + 1, dim=1, keepdim=True).values
+        thr = kth_smallest(torch.cat([score, pad], dim=1), p_max + 1)
     greater = score > thr
     kept = _admit_ties(greater, score == thr, keep - greater.sum(dim=1, keepdim=True))
     kept[keep.squeeze(1) == 0] = False

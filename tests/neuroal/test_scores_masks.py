@@ -104,6 +104,31 @@ def test_vectorised_row_ratios_equal_a_per_row_loop(ties):
         assert torch.equal(m[i], expect)
 
 
+def test_kth_smallest_by_hand():
+    score = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 5.0], [9.0, float("nan"), 8.0], [4.0, 4.0, 4.0]])
+    assert masks.kth_smallest(score, 2).tolist() == [[2.0], [5.0], [9.0], [4.0]]  # NaN sorts last
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kth_smallest_is_torch_kthvalue(dtype):
+    """numpy's introselect gives torch.kthvalue's values in every score dtype (bfloat16 through an exact
+    float32), with ties, infinities (row_mask_ratios' padding) and NaN; and so the same masks."""
+    torch.manual_seed(1)
+    for score in (torch.rand(301, 256), torch.randint(0, 7, (301, 256)).float()):
+        score = score.to(dtype)
+        score[3, :5] = float("inf")
+        score[4, :5] = float("-inf")
+        score[5, 7] = float("nan")
+        for k in (1, 77, 179, 256):
+            got = masks.kth_smallest(score, k)
+            assert got.dtype == dtype and got.shape == (301, 1)
+            ref = torch.kthvalue(score, k, dim=1, keepdim=True).values
+            torch.testing.assert_close(got, ref, rtol=0, atol=0, equal_nan=True)
+        expect = torch.zeros_like(score, dtype=torch.bool)
+        expect.scatter_(1, torch.sort(score, dim=1, stable=True)[1][:, :179], True)  # int(256 * 0.7) = 179
+        assert torch.equal(masks.row_mask(score, 0.7), expect)
+
+
 def test_layer_mask_exact_count():
     torch.manual_seed(0)
     score = torch.rand(8, 16)

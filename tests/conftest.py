@@ -90,6 +90,7 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None,
 TIERS = Path(__file__).with_name("tiers.json")  # measured durations' verdict: tests/tier.py writes it
 REAL_MODEL_FIXTURES = {"smollm2_dir"}  # a test that converts the real model is slow whatever it measured
 SLOW_IDS = "NEUROAL_TEST_SLOW_IDS"  # a folder: each xdist worker writes the ids it marked slow there
+FAST_DONE = "fast-tier-done"  # ... and the scheduler a file of this name once every fast test is done
 
 
 def pytest_configure(config):
@@ -140,21 +141,35 @@ def pytest_xdist_make_scheduler(config, log):
 
         slow: set[str] | None = None
 
+        fast_left: int | None = None
+
         def _split_scope(self, nodeid: str) -> str:
             if self.slow is None:  # every worker has reported its collection by now
                 self.slow = {i for f in folder.glob("*.json") for i in json.loads(f.read_text())}
             return "slow" if nodeid in self.slow else nodeid
 
+        def mark_test_complete(self, node, item_index: int, duration: float = 0) -> None:
+            super().mark_test_complete(node, item_index, duration)
+            if self.fast_left is None:
+                self.fast_left = sum(self._split_scope(i) != "slow" for i in self.collection)
+            if self._split_scope(self.registered_collections[node][item_index]) != "slow":
+                self.fast_left -= 1
+                if self.fast_left == 0:
+                    (folder / FAST_DONE).touch()  # the slow tests' worker has the cores to itself now
+
     return SlowOnOneWorker(config, log)
 
 
 @pytest.fixture(autouse=True)
-def one_thread_beside_the_slow_tests(request):
-    """Under pytest-xdist a fast test runs on one torch thread while the other worker's slow test keeps
-    two: two two-thread OpenMP pools on two cores spin at their barriers for each other's descheduled
-    threads (measured: a fast module beside the SmolLM2 zero-shot test took 66 s and 103 s with two
-    threads each, 42 s and 81 s with one thread for the fast module). Alone, a test keeps torch's default."""
-    if not os.environ.get("PYTEST_XDIST_WORKER") or request.node.get_closest_marker("slow"):
+def one_thread_while_sharing_cores(request):
+    """Under pytest-xdist a fast test runs on one torch thread, and so does a slow test while fast tests
+    still run beside it: two multi-thread OpenMP pools on two cores spin at their barriers for each
+    other's descheduled threads (measured: a fast module beside the SmolLM2 zero-shot test took 66 s and
+    103 s with two threads each, 42 s and 81 s with one thread for the fast module). Once the fast tier
+    is done (the scheduler's `FAST_DONE` file), a slow test keeps torch's default, as it does alone."""
+    folder = os.environ.get(SLOW_IDS)
+    if not os.environ.get("PYTEST_XDIST_WORKER") or (
+            request.node.get_closest_marker("slow") and (not folder or (Path(folder) / FAST_DONE).exists())):
         yield
         return
     before = torch.get_num_threads()
@@ -247,22 +262,43 @@ def local_cluster(nodes: int, cpus: int, gpus: int = 0, *, connect: bool = True,
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = old_env
 
 
-def pruned_weights(fields: dict, out) -> tuple[dict, dict]:
-    """Prune `fields` (`build_spec`'s keywords) into `out`: (the run.json content, every block's weights)."""
+@dataclass
+class Executed:
+    """A prune executed through its session, read back before the session closed."""
+
+    run: dict  # the run.json content
+    weights: dict  # every block's pruned weights, over all shards
+    reports: list  # each shard's `Shard.report`
+    recoveries: int  # shards restarted and replayed
+    nodes: list | None  # the Ray node of each shard (None in process)
+    offload: object  # the session's `Offload` (None when resident)
+
+
+def execute_and_read(spec, out, resume_dir=None) -> Executed:
+    """Run `spec` (a PruneSpec) into `out` through `session_for` as the CLI does, and read each shard back."""
     from orchestrator.chain.shard import Shard
     from orchestrator.pruning.job import execute, session_for
-    from orchestrator.spec import build_spec
 
-    spec = build_spec(**fields)
-    session = session_for(spec)
+    session = session_for(spec, resume_dir=resume_dir)
+    chain = session.chain
     try:
-        run = execute(spec, out, session=session)
+        run = execute(spec, out, session=session, resume_dir=resume_dir)
         weights = {}
-        for i in range(session.chain.n_shards):
-            weights.update(session.chain.get(session.chain.call(i, Shard.block_weights)))
+        for i in range(chain.n_shards):
+            weights.update(chain.get(chain.call(i, Shard.block_weights)))
+        reports = [chain.get(chain.call(i, Shard.report)) for i in range(chain.n_shards)]
+        nodes = None if chain.in_process else chain.node_ids()
     finally:
         session.close()
-    return run, weights
+    return Executed(run, weights, reports, chain.recoveries, nodes, session.offload)
+
+
+def pruned_weights(fields: dict, out) -> tuple[dict, dict]:
+    """Prune `fields` (`build_spec`'s keywords) into `out`: (the run.json content, every block's weights)."""
+    from orchestrator.spec import build_spec
+
+    done = execute_and_read(build_spec(**fields), out)
+    return done.run, done.weights
 
 
 @dataclass
@@ -275,7 +311,7 @@ class Reference:
 @pytest.fixture(scope="session")
 def smollm2_wanda_neuroal(smollm2_dir, shared_data, tmp_path_factory) -> Reference:
     """Wanda + NeuroAL (both steps) at 70% on the real model, in process on one shard: the reference that
-    the 2-Ray-shard run (test_real_model) and the offloaded run (test_offload) must equal, computed once."""
+    the 3-Ray-shard run (test_real_model) and the offloaded run (test_offload) must equal, computed once."""
     out = tmp_path_factory.mktemp("smollm2-wanda-neuroal")
     spec = dict(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=32, nsamples=8,
                 executor="local", data_dir=str(shared_data), eval="wikitext2", eval_windows=8, out=str(out))

@@ -16,11 +16,9 @@ offloaded shards take the search block-major (no early stop): their curves equal
 import pytest
 import torch
 
-from orchestrator.chain.shard import Shard
-from orchestrator.pruning.job import execute, session_for
 from orchestrator.spec import build_spec
 
-from conftest import local_cluster, make_tiny_checkpoint
+from conftest import execute_and_read, local_cluster, make_tiny_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -49,17 +47,8 @@ def _run(model, shared_data, out, **kw):
     """Wanda + NeuroAL (block and row steps) at 70%, 8 windows of 32 tokens; the run, its weights, its shards."""
     spec = build_spec(model=str(model), method="wanda", top_up="neuroal", neuroal_step="both", sparsity=0.7,
                       seqlen=32, nsamples=8, data_dir=str(shared_data), out=str(out), **kw)
-    session = session_for(spec)
-    try:
-        run = execute(spec, out / "run", session=session)
-        weights, nodes = {}, None
-        for i in range(session.chain.n_shards):
-            weights.update(session.chain.get(session.chain.call(i, Shard.block_weights)))
-        if not session.chain.in_process:
-            nodes = session.chain.node_ids()
-    finally:
-        session.close()
-    return run, weights, nodes
+    done = execute_and_read(spec, out / "run")
+    return done.run, done.weights, done.nodes
 
 
 def test_a_70b_shaped_job_on_8_ray_shards_and_offloaded_equals_one_process(model_70b_shape, cluster_8_gpus,

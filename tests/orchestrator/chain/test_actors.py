@@ -9,6 +9,8 @@ from orchestrator.pruning.job import execute, session_for
 from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
 
+from conftest import execute_and_read
+
 pytestmark = pytest.mark.ray
 
 
@@ -27,16 +29,8 @@ def _spec(model, shared_data, out, **kw):
 
 
 def _run(spec, out, resume_dir=None):
-    session = session_for(spec, resume_dir=resume_dir)
-    try:
-        run = execute(spec, out, session=session, resume_dir=resume_dir)
-        weights = {}
-        for i in range(session.chain.n_shards):
-            weights.update(session.chain.get(session.chain.call(i, Shard.block_weights)))
-        recoveries = getattr(session.chain, "recoveries", 0)
-    finally:
-        session.close()
-    return run, weights, recoveries
+    done = execute_and_read(spec, out, resume_dir)
+    return done.run, done.weights, done.recoveries
 
 
 def _same(a, b):

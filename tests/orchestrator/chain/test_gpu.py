@@ -4,9 +4,9 @@ Ray actor given a GPU, with the same masks and λ on both paths; statistics stay
 import pytest
 import torch
 
-from orchestrator.pruning.job import execute, session_for
-from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
+
+from conftest import execute_and_read
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytestmark = [pytest.mark.gpu, requires_gpu]
@@ -16,14 +16,8 @@ def _run(tiny_dirs, shared_data, out, executor, **kw):
     spec = build_spec(model=str(tiny_dirs["llama_gqa"]), method="wanda", top_up="neuroal", sparsity=0.6, seqlen=32,
                       nsamples=8, executor=executor, data_dir=str(shared_data), eval="wikitext2", eval_windows=4,
                       out=str(out), **kw)
-    session = session_for(spec)
-    try:
-        run = execute(spec, out, session=session)
-        report = session.chain.get(session.chain.call(0, Shard.report))
-        weights = session.chain.get(session.chain.call(0, Shard.block_weights))
-    finally:
-        session.close()
-    return run, report, weights
+    done = execute_and_read(spec, out)
+    return done.run, done.reports[0], done.weights
 
 
 def test_in_process_and_ray_on_the_gpu(tiny_dirs, shared_data, tmp_path):

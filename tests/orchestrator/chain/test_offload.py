@@ -4,9 +4,9 @@ block once per pass, and the result is the non-offloaded one (SmolLM2, --gpu-mem
 import pytest
 import torch
 
-from orchestrator.pruning.job import execute, session_for
-from orchestrator.chain.shard import Shard
 from orchestrator.spec import build_spec
+
+from conftest import execute_and_read
 
 pytestmark = pytest.mark.slow
 
@@ -16,14 +16,7 @@ BUDGET = "150MB"  # SmolLM2 is 538 MB in fp32; its embeddings (113 MB) plus one 
 def _run(shared_data, out, **kw):
     spec = build_spec(**{**dict(model="smollm2-135m", sparsity=0.7, seqlen=32, nsamples=8, executor="local",
                                 data_dir=str(shared_data), eval="wikitext2", eval_windows=8), **kw, "out": str(out)})
-    session = session_for(spec)
-    try:
-        run = execute(spec, out, session=session)
-        weights = session.chain.get(session.chain.call(0, Shard.block_weights))
-        report = session.chain.get(session.chain.call(0, Shard.report))
-    finally:
-        session.close()
-    return run, weights, report, session
+    return execute_and_read(spec, out)
 
 
 @pytest.mark.parametrize("method,top_up", [("wanda", "neuroal"), ("sparsegpt", "uniform")])
@@ -34,9 +27,11 @@ def test_offloaded_equals_resident(method, top_up, shared_data, tmp_path, reques
         fields = {k: v for k, v in reference.spec.items() if k != "out"}
     else:
         fields = dict(method=method, top_up=top_up)
-        ref, ref_w, _, _ = _run(shared_data, tmp_path / "ref", **fields)
-    run, w, report, session = _run(shared_data, tmp_path / "off", **fields, gpu_mem=BUDGET)
-    assert session.offload.mode == "cpu" and "do not fit --gpu-mem 150MB" in session.offload.why
+        ref_done = _run(shared_data, tmp_path / "ref", **fields)
+        ref, ref_w = ref_done.run, ref_done.weights
+    done = _run(shared_data, tmp_path / "off", **fields, gpu_mem=BUDGET)
+    run, w, (report,) = done.run, done.weights, done.reports
+    assert done.offload.mode == "cpu" and "do not fit --gpu-mem 150MB" in done.offload.why
     assert (run["lambda_block"], run["lambda_row"]) == (ref["lambda_block"], ref["lambda_row"])
     assert run["lambda_curves"] and all(p["complete"] for pts in run["lambda_curves"].values() for p in pts) \
         if top_up == "neuroal" else True  # block-major: the exact early stop is given up

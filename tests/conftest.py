@@ -89,87 +89,94 @@ def make_tiny_checkpoint(name: str, folder: Path, seed: int = 0, tokenizer=None,
 
 TIERS = Path(__file__).with_name("tiers.json")  # measured durations' verdict: tests/tier.py writes it
 REAL_MODEL_FIXTURES = {"smollm2_dir"}  # a test that converts the real model is slow whatever it measured
-SLOW_IDS = "NEUROAL_TEST_SLOW_IDS"  # a folder: each xdist worker writes the ids it marked slow there
-FAST_DONE = "fast-tier-done"  # ... and the scheduler a file of this name once every fast test is done
+HEAVY_IDS = "NEUROAL_TEST_HEAVY_IDS"  # a folder: each xdist worker writes the ids of its heavy tests there
+OTHERS_DONE = "others-done"  # ... and the scheduler a file of this name once every other test is done
 
 
 def pytest_configure(config):
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         import tempfile
 
-        os.environ[SLOW_IDS] = tempfile.mkdtemp(prefix="neuroal-slow-ids-")  # the workers inherit it
+        os.environ[HEAVY_IDS] = tempfile.mkdtemp(prefix="neuroal-heavy-ids-")  # the workers inherit it
+
+
+HEAVY: set[str] = set()  # this process's heavy tests (`pytest_collection_modifyitems`)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """The fast tier is `pytest -m "not slow"`: besides the tests marked `slow` by hand, those that use
-    the real model and those measured too slow for the tier's budget (`tiers.json`) are `slow`."""
+    the real model and those measured too slow for the tier's budget (`tiers.json`) are `slow`.
+
+    The first two kinds are also heavy: under pytest-xdist they run one after another on one worker
+    (`pytest_xdist_make_scheduler`); the measured ones (tiny models, a local Ray) share the other."""
     import json
 
     measured = set(json.loads(TIERS.read_text())["slow"]) if TIERS.exists() else set()
-    slow = []
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if item.nodeid in measured or REAL_MODEL_FIXTURES & fixtures:
+        if item.get_closest_marker("slow") or REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("slow"):
-            slow.append(item.nodeid)
-    if hasattr(config, "workerinput") and os.environ.get(SLOW_IDS):
-        folder = Path(os.environ[SLOW_IDS])  # written before the worker reports its collection
+            HEAVY.add(item.nodeid)
+        elif item.nodeid in measured:
+            item.add_marker(pytest.mark.slow)
+    if hasattr(config, "workerinput") and os.environ.get(HEAVY_IDS):
+        folder = Path(os.environ[HEAVY_IDS])  # written before the worker reports its collection
         tmp = folder / f"{config.workerinput['workerid']}.tmp"
-        tmp.write_text(json.dumps(slow))
+        tmp.write_text(json.dumps(sorted(HEAVY & {item.nodeid for item in items})))
         tmp.replace(tmp.with_suffix(".json"))
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
-    """The slow tests run one after another on one pytest-xdist worker while the other takes the fast
-    ones. Two real-model or multi-node Ray tests at once on two cores ran 2-4x slower each than alone
-    (two Ray instances' threads contending), so pairing them cost more than it saved; and the session
-    fixtures they share (the SmolLM2 reference prune) are computed once. (xdist's own `loadgroup`
-    cannot do it under pytest 9: the group it appends to a test's id is lost.)"""
-    if not os.environ.get(SLOW_IDS):
+    """The heavy tests (the real model, multi-node Ray clusters) run one after another on one
+    pytest-xdist worker while the other takes the rest: fast tests, then the measured-slow ones of tiny
+    models. Two heavy tests at once on two cores ran 2-4x slower each than alone (two Ray instances'
+    threads contending), so pairing them cost more than it saved; and the session fixtures they share
+    (the SmolLM2 reference prune) are computed once. The other worker used to idle once the fast tier
+    was done (~200 s into a ~1,400 s run) while the measured-slow tests queued behind the heavy ones.
+    (xdist's own `loadgroup` cannot do it under pytest 9: the group it appends to a test's id is lost.)"""
+    if not os.environ.get(HEAVY_IDS):
         return None  # xdist's default scheduler
     import json
 
     from xdist.scheduler import LoadScopeScheduling
 
-    folder = Path(os.environ[SLOW_IDS])
+    folder = Path(os.environ[HEAVY_IDS])
 
-    class SlowOnOneWorker(LoadScopeScheduling):
-        """Scopes are single tests, and one scope of all the slow ones (the largest: it is sent first)."""
+    class HeavyOnOneWorker(LoadScopeScheduling):
+        """Scopes are single tests, and one scope of all the heavy ones (the largest: it is sent first)."""
 
-        slow: set[str] | None = None
-
-        fast_left: int | None = None
+        heavy: set[str] | None = None
+        others_left: int | None = None
 
         def _split_scope(self, nodeid: str) -> str:
-            if self.slow is None:  # every worker has reported its collection by now
-                self.slow = {i for f in folder.glob("*.json") for i in json.loads(f.read_text())}
-            return "slow" if nodeid in self.slow else nodeid
+            if self.heavy is None:  # every worker has reported its collection by now
+                self.heavy = {i for f in folder.glob("*.json") for i in json.loads(f.read_text())}
+            return "heavy" if nodeid in self.heavy else nodeid
 
         def mark_test_complete(self, node, item_index: int, duration: float = 0) -> None:
             super().mark_test_complete(node, item_index, duration)
-            if self.fast_left is None:
-                self.fast_left = sum(self._split_scope(i) != "slow" for i in self.collection)
-            if self._split_scope(self.registered_collections[node][item_index]) != "slow":
-                self.fast_left -= 1
-                if self.fast_left == 0:
-                    (folder / FAST_DONE).touch()  # the slow tests' worker has the cores to itself now
+            if self.others_left is None:
+                self.others_left = sum(self._split_scope(i) != "heavy" for i in self.collection)
+            if self._split_scope(self.registered_collections[node][item_index]) != "heavy":
+                self.others_left -= 1
+                if self.others_left == 0:
+                    (folder / OTHERS_DONE).touch()  # the heavy tests' worker has the cores to itself now
 
-    return SlowOnOneWorker(config, log)
+    return HeavyOnOneWorker(config, log)
 
 
 @pytest.fixture(autouse=True)
 def one_thread_while_sharing_cores(request):
-    """Under pytest-xdist a fast test runs on one torch thread, and so does a slow test while fast tests
-    still run beside it: two multi-thread OpenMP pools on two cores spin at their barriers for each
-    other's descheduled threads (measured: a fast module beside the SmolLM2 zero-shot test took 66 s and
-    103 s with two threads each, 42 s and 81 s with one thread for the fast module). Once the fast tier
-    is done (the scheduler's `FAST_DONE` file), a slow test keeps torch's default, as it does alone."""
-    folder = os.environ.get(SLOW_IDS)
+    """Under pytest-xdist a test runs on one torch thread while the other worker is busy too: two
+    multi-thread OpenMP pools on two cores spin at their barriers for each other's descheduled threads
+    (measured: a fast module beside the SmolLM2 zero-shot test took 66 s and 103 s with two threads each,
+    42 s and 81 s with one thread for the fast module; the fast tier beside that test took 242 s, and the
+    test 171 s, with two threads for it, 198 s and 108 s with one). Once only heavy tests are left (the
+    scheduler's `OTHERS_DONE` file), a heavy test keeps torch's default, as it does alone."""
+    folder = os.environ.get(HEAVY_IDS)
     if not os.environ.get("PYTEST_XDIST_WORKER") or (
-            request.node.get_closest_marker("slow") and (not folder or (Path(folder) / FAST_DONE).exists())):
+            request.node.nodeid in HEAVY and (not folder or (Path(folder) / OTHERS_DONE).exists())):
         yield
         return
     before = torch.get_num_threads()
@@ -465,10 +472,10 @@ _EXIT_STATUS: list[int] = []
 
 def pytest_sessionfinish(session, exitstatus):
     _EXIT_STATUS.append(int(exitstatus))
-    if os.environ.get(SLOW_IDS) and not hasattr(session.config, "workerinput"):
+    if os.environ.get(HEAVY_IDS) and not hasattr(session.config, "workerinput"):
         import shutil
 
-        shutil.rmtree(os.environ.pop(SLOW_IDS), ignore_errors=True)
+        shutil.rmtree(os.environ.pop(HEAVY_IDS), ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)

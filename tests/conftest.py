@@ -128,12 +128,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
-    """The heavy tests (the real model, multi-node Ray clusters) run one after another on one
-    pytest-xdist worker while the other takes the rest: fast tests, then the measured-slow ones of tiny
-    models. Two heavy tests at once on two cores ran 2-4x slower each than alone (two Ray instances'
-    threads contending), so pairing them cost more than it saved; and the session fixtures they share
-    (the SmolLM2 reference prune) are computed once. The other worker used to idle once the fast tier
-    was done (~200 s into a ~1,400 s run) while the measured-slow tests queued behind the heavy ones.
+    """The heavy tests (the real model; those marked slow by hand: Ray job clusters, the 70B shape) run
+    one after another on one pytest-xdist worker while the other takes the rest, fast and measured-slow
+    (tiny models) in collection order. Two heavy tests at once on two cores ran 2-4x slower each than
+    alone (two Ray instances' threads contending), so pairing them cost more than it saved; and the
+    session fixtures they share (the SmolLM2 reference prune) are computed once. The other worker used to
+    idle once the fast tier was done (~200 s into a ~1,400 s run) while the measured-slow tests queued
+    behind the heavy ones: with them beside the heavy ones, CI went from 1,493 to 1,332 s here.
     (xdist's own `loadgroup` cannot do it under pytest 9: the group it appends to a test's id is lost.)"""
     if not os.environ.get(HEAVY_IDS):
         return None  # xdist's default scheduler

@@ -133,3 +133,17 @@ def test_decide_is_a_pure_choice_by_hand():
     lam, check = decide({**scores, **close}, lambdas, close)
     assert lam == 0.02 and check.noise_reorder == 0.0 and check.noise == pytest.approx(ROUNDING_NOISE * 4.95)
     assert check.near_tie and decide({**scores, **close}, lambdas, close, "reference-order")[0] == 0.01
+
+
+def test_the_rounding_floor_covers_every_lead_movement_measured():
+    """ROUNDING_NOISE is at least the most a change of dtype or thread count moved a pairwise lead in the
+    committed measurement (benchmarks/dtype_fidelity.py, six SmolLM2 settings): a floor below it would call
+    a lead real that another machine may reverse."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "dtype_fidelity_variants.json"
+    spread = json.loads(results.read_text())["spread"]
+    moved = [m for s in spread for m in s["lead_movement"].values()]
+    assert len(spread) == 6 and moved
+    assert max(moved) <= ROUNDING_NOISE < 2 * max(moved)  # covers it, and not by a factor that hides real leads

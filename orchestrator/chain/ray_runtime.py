@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 
 RAY_WAIT_ENV = "NEUROAL_RAY_WAIT_S"  # how long a Ray address may take to answer (default 15 s)
 RAY_WAIT_S = 15.0
+# A head that answers can still fail a join: Ray's driver-side join (GCS client, then this host's raylet) times
+# out on a busy head (seen in CI: a job's driver on a loaded 2-core machine). Such a failure comes with a cause;
+# it is tried again. "auto" with no cluster and unparseable addresses come without one and fail at once.
+JOIN_ATTEMPTS = 3
+JOIN_PAUSE_S = 2.0
 
 
 class RayUnavailable(NeuroalError):
@@ -35,6 +40,19 @@ def _named(address: str) -> str:
 def _instead(address: str) -> str:
     unset = " and unset RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else ""
     return f"or leave out --address{unset} to run on a local Ray instance"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost cause: Ray wraps the reason a join failed in a generic message."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    head, traceback, _ = text.partition("Traceback (most recent call last)")
+    if traceback:  # "Failed to connect to GCS. Last connection error: Traceback …": the traceback's last line says why
+        return f"{head.strip().rstrip(':').strip()}: {text.splitlines()[-1].strip()}"
+    return text.splitlines()[0]
 
 
 def check_address(address: str, wait_s: float | None = None) -> None:
@@ -97,16 +115,30 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
         return False
     if address:
         check_address(address)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, ValueError) as exc:  # "auto" with no cluster, an address Ray cannot parse
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RayUnavailable(f"--address: cannot connect to Ray at {_named(address)}: {first}; start a cluster "
-                                 f"with `ray start --head`, {_instead(address)}") from exc
+        _join(address)
         return False
     ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
              include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+def _join(address: str) -> None:
+    """`ray.init(address)`, tried again when a join fails for a reason Ray gives (see JOIN_ATTEMPTS)."""
+    import ray
+
+    for attempt in range(1, JOIN_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+            return
+        except (ConnectionError, ValueError) as exc:  # "auto" with no cluster, an address Ray cannot parse
+            why = _root_cause(exc)
+            if not isinstance(exc, ConnectionError) or exc.__cause__ is None or attempt == JOIN_ATTEMPTS:
+                tries = f" ({attempt} tries)" if attempt > 1 else ""
+                raise RayUnavailable(f"--address: cannot connect to Ray at {_named(address)}: {why}{tries}; start "
+                                     f"a cluster with `ray start --head`, {_instead(address)}") from exc
+            logger.warning("joining Ray at %s failed (%s); trying again", address, why)
+            ray.shutdown()
+            time.sleep(JOIN_PAUSE_S)
 
 
 @contextlib.contextmanager

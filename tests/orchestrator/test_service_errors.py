@@ -92,6 +92,77 @@ def test_the_default_wait_is_bounded(monkeypatch):
     assert time.monotonic() - t < 60
 
 
+@pytest.fixture
+def listening_address():
+    """Something that accepts TCP connections on 127.0.0.1 (so `check_address` passes): Ray's join decides."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        yield f"127.0.0.1:{srv.getsockname()[1]}"
+
+
+def _failing_join(causes: list[BaseException]):
+    """A stand-in for `ray.init` that fails the way Ray's join does (a ConnectionError raised from the cause),
+    once per cause, then joins; it records each call."""
+    calls = []
+
+    def init(address=None, **kwargs):
+        calls.append(address)
+        if len(calls) <= len(causes):
+            raise ConnectionError(f"Failed to connect to Ray cluster at {address}") from causes[len(calls) - 1]
+
+    return init, calls
+
+
+def test_a_join_that_fails_with_a_cause_is_tried_again(listening_address, monkeypatch):
+    """CI saw a job's driver fail its join on a busy 2-core head (the head answered, Ray's join timed out)."""
+    import ray
+
+    from orchestrator.chain import ray_runtime
+
+    init, calls = _failing_join([RuntimeError("No node info found matching attributes: '' when trying to resolve")])
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray_runtime, "JOIN_PAUSE_S", 0.0)
+    assert ray_runtime.ensure_ray(listening_address) is False  # joined, not started
+    assert calls == [listening_address] * 2
+
+
+def test_a_join_that_keeps_failing_says_why_in_one_line(listening_address, monkeypatch):
+    import ray
+
+    from orchestrator.chain import ray_runtime
+
+    gcs = RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                       "  File \"node.py\", line 1, in _init_gcs_client\nray.exceptions.RpcError: Deadline Exceeded")
+    init, calls = _failing_join([gcs] * ray_runtime.JOIN_ATTEMPTS)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray_runtime, "JOIN_PAUSE_S", 0.0)
+    with pytest.raises(ray_runtime.RayUnavailable) as got:
+        ray_runtime.ensure_ray(listening_address)
+    message = str(got.value)
+    assert "\n" not in message and len(calls) == ray_runtime.JOIN_ATTEMPTS
+    assert (f"cannot connect to Ray at {listening_address}: Failed to connect to GCS. Last connection error: "
+            f"ray.exceptions.RpcError: Deadline Exceeded ({ray_runtime.JOIN_ATTEMPTS} tries)") in message
+
+
+def test_auto_with_no_cluster_fails_at_once(listening_address, monkeypatch):
+    """A ConnectionError without a cause is Ray saying there is nothing to join: no second try."""
+    import ray
+
+    from orchestrator.chain import ray_runtime
+
+    calls = []
+
+    def init(address=None, **kwargs):
+        calls.append(address)
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(ray_runtime.RayUnavailable, match="Could not find any running Ray instance"):
+        ray_runtime.ensure_ray("auto")
+    assert calls == ["auto"]
+
+
 def test_a_dashboard_address_is_one_line(tmp_path, tiny_dirs, grid_yaml, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     line = _one_line_error(runner.invoke(app, _command("prune", ["--address", "http://127.0.0.1:8265"], tmp_path,

@@ -52,7 +52,7 @@ def _root_cause(exc: BaseException) -> str:
     head, traceback, _ = text.partition("Traceback (most recent call last)")
     if traceback:  # "Failed to connect to GCS. Last connection error: Traceback …": the traceback's last line says why
         return f"{head.strip().rstrip(':').strip()}: {text.splitlines()[-1].strip()}"
-    return text.splitlines()[0]
+    return " ".join(text.split()) if len(text) <= 400 else text.splitlines()[0]  # a version mismatch spans 6 lines
 
 
 def check_address(address: str, wait_s: float | None = None) -> None:
@@ -130,12 +130,16 @@ def _join(address: str) -> None:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
             return
-        except (ConnectionError, ValueError) as exc:  # "auto" with no cluster, an address Ray cannot parse
+        except (ConnectionError, ValueError, RuntimeError) as exc:  # also "auto" with no cluster, an address Ray
+            # cannot parse, and this process's Ray or Python version not the cluster's
             why = _root_cause(exc)
             if not isinstance(exc, ConnectionError) or exc.__cause__ is None or attempt == JOIN_ATTEMPTS:
                 tries = f" ({attempt} tries)" if attempt > 1 else ""
-                raise RayUnavailable(f"--address: cannot connect to Ray at {_named(address)}: {why}{tries}; start "
-                                     f"a cluster with `ray start --head`, {_instead(address)}") from exc
+                fix = ("install the cluster's Ray and Python versions here, or run the command on the cluster with "
+                       "`ray job submit -- neuroal ...`" if why.startswith("Version mismatch")
+                       else "start a cluster with `ray start --head`")
+                raise RayUnavailable(f"--address: cannot connect to Ray at {_named(address)}: {why}{tries}; "
+                                     f"{fix}, {_instead(address)}") from exc
             logger.warning("joining Ray at %s failed (%s); trying again", address, why)
             ray.shutdown()
             time.sleep(JOIN_PAUSE_S)

@@ -145,6 +145,28 @@ def test_a_join_that_keeps_failing_says_why_in_one_line(listening_address, monke
             f"ray.exceptions.RpcError: Deadline Exceeded ({ray_runtime.JOIN_ATTEMPTS} tries)") in message
 
 
+def test_a_ray_version_mismatch_is_one_line_and_not_tried_again(listening_address, monkeypatch):
+    """A laptop's Ray or Python that is not the cluster's: Ray's six-line message, on one line, at once."""
+    import ray
+
+    from orchestrator.chain import ray_runtime
+
+    calls = []
+
+    def init(address=None, **kwargs):
+        calls.append(address)
+        raise RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n"
+                           "This process on node 127.0.0.1 was started with:\n    Ray: 2.59.0\n    Python: 3.12.1\n")
+
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(ray_runtime.RayUnavailable) as got:
+        ray_runtime.ensure_ray(listening_address)
+    assert calls == [listening_address]
+    assert ("Version mismatch: The cluster was started with: Ray: 2.60.0 Python: 3.11.7 This process on node "
+            "127.0.0.1 was started with: Ray: 2.59.0 Python: 3.12.1; install the cluster's Ray and Python versions "
+            "here") in str(got.value)
+
+
 def test_auto_with_no_cluster_fails_at_once(listening_address, monkeypatch):
     """A ConnectionError without a cause is Ray saying there is nothing to join: no second try."""
     import ray

@@ -43,7 +43,7 @@ def _instead(address: str) -> str:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The first line of the innermost cause: Ray wraps the reason a join failed in a generic message."""
+    """The innermost cause, on one line: Ray wraps the reason a join failed in a generic message."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
     text = str(exc).strip()

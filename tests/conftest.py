@@ -301,14 +301,6 @@ def execute_and_read(spec, out, resume_dir=None) -> Executed:
     return Executed(run, weights, reports, chain.recoveries, nodes, session.offload)
 
 
-def pruned_weights(fields: dict, out) -> tuple[dict, dict]:
-    """Prune `fields` (`build_spec`'s keywords) into `out`: (the run.json content, every block's weights)."""
-    from orchestrator.spec import build_spec
-
-    done = execute_and_read(build_spec(**fields), out)
-    return done.run, done.weights
-
-
 @dataclass
 class Reference:
     spec: dict  # build_spec's keywords
@@ -323,7 +315,10 @@ def smollm2_wanda_neuroal(smollm2_dir, shared_data, tmp_path_factory) -> Referen
     out = tmp_path_factory.mktemp("smollm2-wanda-neuroal")
     spec = dict(model="smollm2-135m", method="wanda", top_up="neuroal", sparsity=0.7, seqlen=32, nsamples=8,
                 executor="local", data_dir=str(shared_data), eval="wikitext2", eval_windows=8, out=str(out))
-    return Reference(spec, *pruned_weights(spec, out / "run"))
+    from orchestrator.spec import build_spec
+
+    done = execute_and_read(build_spec(**spec), out / "run")
+    return Reference(spec, done.run, done.weights)
 
 
 # ----------------------------------------------------------------------------- a user's own lm-eval tasks
